@@ -1,0 +1,1 @@
+"""luab_sk.estimators"""
