@@ -1,0 +1,200 @@
+"""Metrics for learning from annotation byproducts: group robustness, localisation, byproduct regression.
+
+- :func:`group_accuracies` and :func:`worst_group_accuracy`: accuracy inside each (label, spurious attribute)
+  group and its minimum, the robustness measure of Waterbirds-style benchmarks.
+- :func:`pointing_game`: share of attention maps whose argmax falls inside the ground-truth object box.
+- :func:`byproduct_error`: regression error between true and predicted byproducts Z, ignoring missing (NaN)
+  entries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.utils import check_consistent_length
+
+__all__ = ["group_accuracies", "worst_group_accuracy", "pointing_game", "byproduct_error"]
+
+
+def group_accuracies(y_true, y_pred, groups):
+    """Accuracy inside each group.
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples,)
+        True and predicted labels.
+    groups : array-like of shape (n_samples,)
+        Group of every sample (for example ``label * n_backgrounds + background``).
+
+    Returns
+    -------
+    accuracies : dict
+        Group value -> accuracy of the samples in that group, in sorted group order.
+
+    Examples
+    --------
+    >>> group_accuracies([0, 0, 1, 1], [0, 1, 1, 1], groups=["a", "a", "b", "b"])
+    {'a': 0.5, 'b': 1.0}
+    """
+    y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
+    check_consistent_length(y_true, y_pred, groups)
+    if y_true.ndim != 1 or y_pred.ndim != 1 or groups.ndim != 1:
+        raise ValueError(
+            "y_true, y_pred and groups must be 1-d, got shapes "
+            f"{y_true.shape}, {y_pred.shape}, {groups.shape}."
+        )
+    if len(y_true) == 0:
+        raise ValueError("y_true is empty: accuracy is undefined.")
+    correct = y_true == y_pred
+    return {g.item(): float(correct[groups == g].mean()) for g in np.unique(groups)}
+
+
+def worst_group_accuracy(y_true, y_pred, groups):
+    """Lowest accuracy over groups (worst-group accuracy).
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples,)
+        True and predicted labels.
+    groups : array-like of shape (n_samples,)
+        Group of every sample.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> worst_group_accuracy([0, 0, 1, 1], [0, 1, 1, 1], groups=[0, 0, 1, 1])
+    0.5
+    """
+    return min(group_accuracies(y_true, y_pred, groups).values())
+
+
+def pointing_game(attention, boxes, *, grid=None, tolerance=0.0, return_hits=False):
+    """Share of attention maps whose argmax lies inside the ground-truth box.
+
+    The argmax cell of each map is represented by its centre in [0, 1] image coordinates (x right, y down);
+    it is a hit when it lies inside the box grown by ``tolerance`` on every side.
+
+    Parameters
+    ----------
+    attention : array-like of shape (n_samples, H, W) or (n_samples, H * W)
+        Attention maps (or any saliency scores) over a grid of image cells, row-major.
+    boxes : array-like of shape (n_samples, 4)
+        Object boxes (x0, y0, x1, y1) in [0, 1].
+    grid : (int, int), optional
+        (H, W) of flat maps; required when ``attention`` is 2-d unless the maps are square.
+    tolerance : float, default=0.0
+        Margin added around each box, in image fractions (Zhang et al. use 15 px, about 0.07 at 224 px).
+    return_hits : bool, default=False
+        Also return the per-sample boolean hits.
+
+    Returns
+    -------
+    score : float
+        Share of hits.
+    hits : ndarray of shape (n_samples,), dtype bool
+        Only with ``return_hits=True``.
+
+    Examples
+    --------
+    >>> att = [[0.0, 0.0, 0.0, 1.0]]  # 2 x 2 grid, argmax in the bottom-right cell (centre 0.75, 0.75)
+    >>> pointing_game(att, [[0.5, 0.5, 1.0, 1.0]])
+    1.0
+    >>> pointing_game(att, [[0.0, 0.0, 0.5, 0.5]])
+    0.0
+    """
+    att = np.asarray(attention, dtype=float)
+    boxes = np.asarray(boxes, dtype=float)
+    if att.ndim == 3:
+        if grid is not None and tuple(grid) != att.shape[1:]:
+            raise ValueError(f"grid={tuple(grid)} disagrees with attention maps of shape {att.shape[1:]}.")
+        h, w = att.shape[1:]
+        att = att.reshape(len(att), -1)
+    elif att.ndim == 2:
+        if grid is None:
+            side = int(round(np.sqrt(att.shape[1])))
+            if side * side != att.shape[1]:
+                raise ValueError(
+                    f"attention has {att.shape[1]} cells per map, not a square grid: pass grid=(H, W)."
+                )
+            grid = (side, side)
+        h, w = (int(v) for v in grid)
+        if h * w != att.shape[1]:
+            raise ValueError(f"grid={grid} has {h * w} cells but attention has {att.shape[1]} per map.")
+    else:
+        raise ValueError(f"attention must be (n, H, W) or (n, H*W), got shape {att.shape}.")
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must have shape (n_samples, 4), got {boxes.shape}.")
+    check_consistent_length(att, boxes)
+    if not np.isfinite(att).all():
+        raise ValueError("attention contains NaN or infinite values.")
+    if not np.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}.")
+    row, col = np.divmod(att.argmax(axis=1), w)
+    x, y = (col + 0.5) / w, (row + 0.5) / h
+    hits = (
+        (x >= boxes[:, 0] - tolerance)
+        & (x <= boxes[:, 2] + tolerance)
+        & (y >= boxes[:, 1] - tolerance)
+        & (y <= boxes[:, 3] + tolerance)
+    )
+    score = float(hits.mean())
+    return (score, hits) if return_hits else score
+
+
+def byproduct_error(Z_true, Z_pred, *, metric="euclidean"):
+    """Regression error between true and predicted byproducts, ignoring missing (NaN) entries of ``Z_true``.
+
+    Parameters
+    ----------
+    Z_true : array-like of shape (n_samples, k)
+        True byproducts, NaN where missing (for example click points (x, y), or per-class points).
+    Z_pred : array-like of shape (n_samples, k)
+        Predicted byproducts; must be finite where ``Z_true`` is observed.
+    metric : {"euclidean", "mae", "rmse"}, default="euclidean"
+        ``"euclidean"``: mean distance between predicted and true points, taking consecutive column pairs
+        (x, y) as points and skipping pairs with a missing coordinate (needs an even ``k``).
+        ``"mae"`` / ``"rmse"``: mean absolute / root mean squared error over the observed entries.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> byproduct_error([[0.0, 0.0], [float("nan"), float("nan")]], [[0.3, 0.4], [0.9, 0.9]])
+    0.5
+    >>> byproduct_error([[0.0, 0.0]], [[0.3, 0.4]], metric="mae")
+    0.35
+    """
+    Z_true = np.asarray(Z_true, dtype=float)
+    Z_pred = np.asarray(Z_pred, dtype=float)
+    if Z_true.ndim == 1:
+        Z_true = Z_true[:, None]
+    if Z_pred.ndim == 1:
+        Z_pred = Z_pred[:, None]
+    if Z_true.shape != Z_pred.shape:
+        raise ValueError(f"Z_true and Z_pred must have the same shape, got {Z_true.shape}, {Z_pred.shape}.")
+    observed = ~np.isnan(Z_true)
+    if not observed.any():
+        raise ValueError("Z_true has no observed (non-NaN) entries: the error is undefined.")
+    if not np.isfinite(Z_pred[observed]).all():
+        raise ValueError("Z_pred must be finite wherever Z_true is observed.")
+    if metric == "euclidean":
+        if Z_true.shape[1] % 2:
+            raise ValueError(
+                f"metric='euclidean' pairs columns as (x, y) points, but Z has {Z_true.shape[1]} columns."
+            )
+        diff = (Z_true - Z_pred).reshape(len(Z_true), -1, 2)
+        dist = np.sqrt((diff**2).sum(axis=2))
+        keep = observed.reshape(len(Z_true), -1, 2).all(axis=2)
+        if not keep.any():
+            raise ValueError("Z_true has no fully observed (x, y) point: the error is undefined.")
+        return float(dist[keep].mean())
+    err = (Z_true - Z_pred)[observed]
+    if metric == "mae":
+        return float(np.abs(err).mean())
+    if metric == "rmse":
+        return float(np.sqrt((err**2).mean()))
+    raise ValueError(f"metric must be 'euclidean', 'mae' or 'rmse', got {metric!r}.")
