@@ -1,1 +1,34 @@
-"""luab_sk.nn"""
+"""Plain torch modules and losses for multitask learning from labels and annotation byproducts.
+
+Nothing here knows scikit-learn; the heads do not care where their input comes from, so the same heads
+sit on cached embeddings (:class:`luab_sk.estimators.classifier.LUABClassifier`) and on a backbone being
+fine-tuned.
+"""
+
+from .heads import AttentionHead, HeadOutput, PooledHead, build_head, token_centers
+from .losses import (
+    MultitaskLoss,
+    gaussian_heatmap,
+    heatmap_loss,
+    label_loss,
+    masked_regression_loss,
+    multitask_loss,
+    point_loss,
+    soft_argmax,
+)
+
+__all__ = [
+    "AttentionHead",
+    "HeadOutput",
+    "MultitaskLoss",
+    "PooledHead",
+    "build_head",
+    "gaussian_heatmap",
+    "heatmap_loss",
+    "label_loss",
+    "masked_regression_loss",
+    "multitask_loss",
+    "point_loss",
+    "soft_argmax",
+    "token_centers",
+]

@@ -1,0 +1,366 @@
+"""Losses for learning from labels and annotation byproducts.
+
+Conventions: byproduct targets are float tensors with NaN marking missing elements; missing elements
+contribute nothing, and a batch where nothing is observed gives a loss of exactly zero (still attached
+to the graph, so ``backward`` works). Optional ``sample_weight`` weights rows.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .heads import HeadOutput, token_centers
+
+__all__ = [
+    "MultitaskLoss",
+    "masked_regression_loss",
+    "gaussian_heatmap",
+    "heatmap_loss",
+    "soft_argmax",
+    "point_loss",
+    "label_loss",
+    "multitask_loss",
+]
+
+REGRESSION_LOSSES = ("smooth_l1", "l2", "l1")
+LABEL_TASKS = ("multiclass", "binary", "multilabel")
+BYPRODUCT_TARGETS = ("regression", "heatmap", "point")
+
+
+class MultitaskLoss(NamedTuple):
+    """``total = label + byproduct_weight * byproduct``, with both parts kept for logging."""
+
+    total: Tensor
+    label: Tensor
+    byproduct: Tensor
+
+
+def _weighted_mean(values: Tensor, mask: Tensor, sample_weight: Tensor | None) -> Tensor:
+    """Mean of ``values`` over the elements where ``mask`` holds, rows weighted; 0 when none hold."""
+    weights = mask.to(values.dtype)
+    if sample_weight is not None:
+        weights = weights * sample_weight.reshape((-1,) + (1,) * (values.ndim - 1)).to(values.dtype)
+    total = weights.sum()
+    # where() rather than multiplication: masked elements may hold NaN/inf from NaN targets.
+    summed = torch.where(mask, values * weights, torch.zeros_like(values)).sum()
+    return summed / total.clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def masked_regression_loss(
+    pred: Tensor,
+    target: Tensor,
+    kind: str = "smooth_l1",
+    *,
+    sample_weight: Tensor | None = None,
+    beta: float = 1.0,
+) -> Tensor:
+    """Elementwise regression loss averaged over the observed (non-NaN) target elements.
+
+    Parameters
+    ----------
+    pred : Tensor of shape (B, k)
+    target : Tensor of shape (B, k)
+        NaN marks a missing element; it is masked out of the loss and of its gradient.
+    kind : {"smooth_l1", "l2", "l1"}, default="smooth_l1"
+        ``"l2"`` is the squared error; ``"smooth_l1"`` is Huber with threshold ``beta``.
+    sample_weight : Tensor of shape (B,), optional
+        Row weights.
+    beta : float, default=1.0
+        Threshold of the smooth L1 loss.
+
+    Returns
+    -------
+    Tensor
+        Scalar; exactly 0 when no element is observed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pred = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    >>> target = torch.tensor([[1.0, float("nan")], [2.0, 0.0]])
+    >>> masked_regression_loss(pred, target, "l1")  # mean of |0-1|, |2-2|, |0-0|
+    tensor(0.3333)
+    """
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}."
+        )
+    mask = ~torch.isnan(target)
+    safe_target = torch.where(mask, target, pred.detach())
+    if kind == "smooth_l1":
+        values = F.smooth_l1_loss(pred, safe_target, reduction="none", beta=beta)
+    elif kind == "l2":
+        values = F.mse_loss(pred, safe_target, reduction="none")
+    elif kind == "l1":
+        values = F.l1_loss(pred, safe_target, reduction="none")
+    else:
+        raise ValueError(f"byproduct_loss must be one of {REGRESSION_LOSSES}, got {kind!r}.")
+    return _weighted_mean(values, mask, sample_weight)
+
+
+def gaussian_heatmap(points: Tensor, grid_shape: tuple[int, int], sigma: float = 0.1) -> Tensor:
+    """Normalised Gaussian around each point, evaluated at the token centres of a grid.
+
+    Parameters
+    ----------
+    points : Tensor of shape (B, 2) or (B, 2 * P)
+        (x, y) in [0, 1] image coordinates, columns ``[x_0, y_0, x_1, y_1, ...]``; NaN = missing.
+    grid_shape : tuple of int
+        ``(grid_h, grid_w)`` of the row-major token grid.
+    sigma : float, default=0.1
+        Standard deviation as a fraction of the image side.
+
+    Returns
+    -------
+    Tensor of shape (B, P, grid_h * grid_w)
+        Each observed map sums to 1; a map whose point has a NaN coordinate is all NaN.
+
+    Examples
+    --------
+    >>> import torch
+    >>> maps = gaussian_heatmap(torch.tensor([[0.1, 0.1], [float("nan"), 0.5]]), (2, 2), sigma=0.2)
+    >>> maps.shape, bool(maps[0].sum().isclose(torch.tensor(1.0))), bool(maps[1].isnan().all())
+    (torch.Size([2, 1, 4]), True, True)
+    >>> int(maps[0, 0].argmax())  # the top-left token
+    0
+    """
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}.")
+    pts = _as_points(points)
+    centers = token_centers(grid_shape).to(device=pts.device, dtype=pts.dtype)
+    d2 = ((pts.unsqueeze(2) - centers) ** 2).sum(-1)  # (B, P, L)
+    return (-d2 / (2.0 * sigma**2)).softmax(dim=-1)  # NaN points stay NaN
+
+
+def heatmap_loss(
+    attention: Tensor,
+    points: Tensor,
+    grid_shape: tuple[int, int],
+    *,
+    sigma: float = 0.1,
+    kind: str = "kl",
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Divergence between attention maps and Gaussians around the clicks.
+
+    Parameters
+    ----------
+    attention : Tensor of shape (B, P, L)
+        Attention maps (rows sum to 1).
+    points : Tensor of shape (B, 2 * P)
+        Click points, NaN = missing; a map with a missing point contributes nothing.
+    grid_shape : tuple of int
+        ``(grid_h, grid_w)`` with grid_h * grid_w = L.
+    sigma : float, default=0.1
+        Width of the target Gaussian (fraction of the image side).
+    kind : {"kl", "ce"}, default="kl"
+        ``"ce"``: cross-entropy ``-sum(t * log a)``; ``"kl"``: KL(t || a), the same gradient with the
+        target's entropy removed so a perfect map scores 0.
+    sample_weight : Tensor of shape (B,), optional
+
+    Returns
+    -------
+    Tensor
+        Scalar mean over the observed maps; 0 when none is observed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> target = gaussian_heatmap(torch.tensor([[0.3, 0.6]]), (3, 3))
+    >>> float(heatmap_loss(target, torch.tensor([[0.3, 0.6]]), (3, 3))) < 1e-6
+    True
+    """
+    if kind not in ("kl", "ce"):
+        raise ValueError(f"heatmap loss kind must be 'kl' or 'ce', got {kind!r}.")
+    target = gaussian_heatmap(points, grid_shape, sigma).to(attention.dtype)
+    if target.shape != attention.shape:
+        raise ValueError(
+            f"attention of shape {tuple(attention.shape)} does not match points for "
+            f"{target.shape[1]} map(s) on a grid of {target.shape[2]} tokens."
+        )
+    observed = ~torch.isnan(target[..., 0])  # (B, P)
+    target = torch.nan_to_num(target, nan=0.0)
+    log_a = attention.clamp_min(torch.finfo(attention.dtype).tiny).log()
+    values = -(target * log_a).sum(-1)
+    if kind == "kl":
+        values = values + (target * target.clamp_min(torch.finfo(target.dtype).tiny).log()).sum(-1)
+    return _weighted_mean(values, observed, sample_weight)
+
+
+def soft_argmax(attention: Tensor, grid_shape: tuple[int, int]) -> Tensor:
+    """Expected token centre under each attention map.
+
+    Parameters
+    ----------
+    attention : Tensor of shape (B, P, L)
+    grid_shape : tuple of int
+
+    Returns
+    -------
+    Tensor of shape (B, 2 * P)
+        Columns ``[x_0, y_0, x_1, y_1, ...]`` in [0, 1].
+
+    Examples
+    --------
+    >>> import torch
+    >>> soft_argmax(torch.tensor([[[0.5, 0.5, 0.0, 0.0]]]), (2, 2))
+    tensor([[0.5000, 0.2500]])
+    """
+    centers = token_centers(grid_shape).to(device=attention.device, dtype=attention.dtype)
+    return (attention @ centers).flatten(1)
+
+
+def point_loss(
+    attention: Tensor,
+    points: Tensor,
+    grid_shape: tuple[int, int],
+    *,
+    kind: str = "smooth_l1",
+    sample_weight: Tensor | None = None,
+) -> Tensor:
+    """Regress the soft-argmax of each attention map to its click (NaN coordinates masked).
+
+    Parameters
+    ----------
+    attention : Tensor of shape (B, P, L)
+    points : Tensor of shape (B, 2 * P)
+    grid_shape : tuple of int
+    kind : {"smooth_l1", "l2", "l1"}, default="smooth_l1"
+    sample_weight : Tensor of shape (B,), optional
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+
+    Examples
+    --------
+    >>> import torch
+    >>> attn = torch.tensor([[[0.0, 1.0, 0.0, 0.0]]])
+    >>> point_loss(attn, torch.tensor([[0.75, 0.25]]), (2, 2), kind="l1")
+    tensor(0.)
+    """
+    pred = soft_argmax(attention, grid_shape)
+    return masked_regression_loss(pred, points, kind, sample_weight=sample_weight)
+
+
+def label_loss(logits: Tensor, target: Tensor, task: str, *, sample_weight: Tensor | None = None) -> Tensor:
+    """Weighted mean label loss.
+
+    Parameters
+    ----------
+    logits : Tensor of shape (B, n_outputs)
+        For ``task="binary"``, shape (B, 1) or (B,).
+    target : Tensor
+        ``"multiclass"``: class indices (B,) (int64). ``"binary"``: 0/1 of shape (B,).
+        ``"multilabel"``: 0/1 indicator (B, K).
+    task : {"multiclass", "binary", "multilabel"}
+        Softmax cross-entropy, or sigmoid binary cross-entropy (averaged over labels for multilabel).
+    sample_weight : Tensor of shape (B,), optional
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+
+    Examples
+    --------
+    >>> import torch
+    >>> label_loss(torch.zeros(2, 4), torch.tensor([0, 3]), "multiclass")  # log(4)
+    tensor(1.3863)
+    """
+    bce = F.binary_cross_entropy_with_logits
+    if task == "multiclass":
+        values = F.cross_entropy(logits, target, reduction="none")
+    elif task == "binary":
+        values = bce(logits.reshape(-1), target.to(logits.dtype), reduction="none")
+    elif task == "multilabel":
+        values = bce(logits, target.to(logits.dtype), reduction="none").mean(-1)
+    else:
+        raise ValueError(f"task must be one of {LABEL_TASKS}, got {task!r}.")
+    if sample_weight is None:
+        return values.mean()
+    sample_weight = sample_weight.to(values.dtype)
+    return (values * sample_weight).sum() / sample_weight.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def multitask_loss(
+    output: HeadOutput,
+    y: Tensor,
+    z: Tensor | None,
+    *,
+    task: str = "multiclass",
+    byproduct_weight: float = 1.0,
+    byproduct_target: str = "regression",
+    byproduct_loss: str = "smooth_l1",
+    grid_shape: tuple[int, int] | None = None,
+    sigma: float = 0.1,
+    sample_weight: Tensor | None = None,
+) -> MultitaskLoss:
+    """Label loss plus ``byproduct_weight`` times the byproduct loss.
+
+    Parameters
+    ----------
+    output : HeadOutput
+        A head's output.
+    y : Tensor
+        Labels, see :func:`label_loss`.
+    z : Tensor of shape (B, k) or None
+        Byproduct targets with NaN for missing elements; None (or a zero weight) skips the byproduct term.
+    task : {"multiclass", "binary", "multilabel"}, default="multiclass"
+    byproduct_weight : float, default=1.0
+    byproduct_target : {"regression", "heatmap", "point"}, default="regression"
+        ``"regression"``: :func:`masked_regression_loss` on ``output.byproducts``. ``"heatmap"`` and
+        ``"point"`` supervise ``output.attention`` with click points (:func:`heatmap_loss` with KL,
+        :func:`point_loss`) and need ``grid_shape``.
+    byproduct_loss : {"smooth_l1", "l2", "l1"}, default="smooth_l1"
+        Elementwise loss for ``"regression"`` and ``"point"``.
+    grid_shape : tuple of int, optional
+    sigma : float, default=0.1
+        Gaussian width for ``"heatmap"``.
+    sample_weight : Tensor of shape (B,), optional
+
+    Returns
+    -------
+    MultitaskLoss
+
+    Examples
+    --------
+    >>> import torch
+    >>> from luab_sk.nn import build_head
+    >>> head = build_head("mlp", 6, 3, n_byproducts=2, hidden_size=5)
+    >>> z = torch.tensor([[0.1, 0.2], [float("nan"), float("nan")]])
+    >>> parts = multitask_loss(head(torch.randn(2, 6)), torch.tensor([0, 2]), z, byproduct_weight=0.5)
+    >>> bool(parts.total.isclose(parts.label + 0.5 * parts.byproduct))
+    True
+    """
+    lbl = label_loss(output.logits, y, task, sample_weight=sample_weight)
+    if z is None or byproduct_weight == 0:
+        zero = output.logits.sum() * 0.0
+        return MultitaskLoss(lbl, lbl, zero)
+    if byproduct_target == "regression":
+        if output.byproducts is None:
+            raise ValueError("this head has no byproduct outputs; build it with n_byproducts > 0.")
+        bp = masked_regression_loss(output.byproducts, z, byproduct_loss, sample_weight=sample_weight)
+    elif byproduct_target in ("heatmap", "point"):
+        if output.attention is None or grid_shape is None:
+            raise ValueError(f"byproduct_target={byproduct_target!r} needs an attention head and grid_shape.")
+        if byproduct_target == "heatmap":
+            bp = heatmap_loss(output.attention, z, grid_shape, sigma=sigma, sample_weight=sample_weight)
+        else:
+            bp = point_loss(output.attention, z, grid_shape, kind=byproduct_loss, sample_weight=sample_weight)
+    else:
+        raise ValueError(f"byproduct_target must be one of {BYPRODUCT_TARGETS}, got {byproduct_target!r}.")
+    return MultitaskLoss(lbl + byproduct_weight * bp, lbl, bp)
+
+
+def _as_points(points: Tensor) -> Tensor:
+    if points.ndim != 2 or points.shape[1] % 2:
+        raise ValueError(
+            f"points must have shape (B, 2 * P) with columns x0, y0, x1, y1, ...; got {tuple(points.shape)}."
+        )
+    return points.reshape(points.shape[0], -1, 2)
