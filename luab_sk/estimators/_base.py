@@ -1,0 +1,345 @@
+"""scikit-learn side helpers shared by the LUAB estimators.
+
+Byproduct (Z) validation, label encoding, NaN-aware standardisation, seeding, and a mixin that turns
+label scores into ``predict`` / ``predict_proba`` / ``decision_function`` for the three label tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scipy.special import expit, softmax
+from sklearn.utils import check_random_state
+from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.validation import check_is_fitted
+
+__all__ = [
+    "LabelEncoding",
+    "LUABClassifierMixin",
+    "check_byproducts",
+    "drop_unusable_byproducts",
+    "encode_labels",
+    "nan_standardization",
+    "seed_from",
+    "torch_seeded",
+]
+
+_SLICING_NOTE = (
+    "scikit-learn (GridSearchCV, cross_validate, Pipeline) only splits fit parameters that are arrays "
+    "with one row per sample, so anything else would reach every fold whole"
+)
+
+
+def check_byproducts(
+    Z,
+    n_samples: int,
+    *,
+    n_columns: int | None = None,
+    dtype=np.float32,
+    name: str = "Z",
+) -> np.ndarray | None:
+    """Validate annotation byproducts: a 2-D float array with one row per sample, NaN for missing.
+
+    Parameters
+    ----------
+    Z : array-like of shape (n_samples, n_byproducts) or None
+        Byproducts; NaN marks a missing element. None passes through.
+    n_samples : int
+        Number of samples in X; Z must have exactly as many rows.
+    n_columns : int, optional
+        Required number of columns (for example the width seen at a previous fit).
+    dtype : numpy dtype, default=np.float32
+        Output dtype.
+    name : str, default="Z"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_byproducts) or None
+
+    Raises
+    ------
+    TypeError
+        If Z is a dict, a sparse matrix, or not array-like.
+    ValueError
+        If Z is not 2-D, has a different length from X, the wrong width, non-numeric values or infinity.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_byproducts([[0.1, np.nan], [0.3, 0.4]], n_samples=2).dtype
+    dtype('float32')
+    >>> check_byproducts(np.zeros((3, 2)), n_samples=4)
+    Traceback (most recent call last):
+    ...
+    ValueError: Z has 3 rows but X has 4 samples; ...
+    """
+    if Z is None:
+        return None
+    if isinstance(Z, Mapping):
+        raise TypeError(
+            f"{name} must be an array of shape (n_samples, n_byproducts), got a {type(Z).__name__}; "
+            f"{_SLICING_NOTE}. Encode the byproducts into one float array first."
+        )
+    if sp.issparse(Z):
+        raise TypeError(f"{name} must be a dense array with NaN for missing entries, got a sparse matrix.")
+    if (
+        isinstance(Z, (str, bytes))
+        or np.isscalar(Z)
+        or not hasattr(Z, "__len__")
+        and not hasattr(Z, "__array__")
+    ):
+        raise TypeError(
+            f"{name} must be an array of shape (n_samples, n_byproducts), got {type(Z).__name__}."
+        )
+    try:
+        arr = np.asarray(Z, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must hold numbers (NaN for missing entries): {exc}") from exc
+    if arr.ndim != 2:
+        hint = f"; use {name}.reshape(-1, 1) for a single byproduct" if arr.ndim == 1 else ""
+        raise ValueError(f"{name} must be 2-D (n_samples, n_byproducts), got shape {arr.shape}{hint}.")
+    if arr.shape[0] != n_samples:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} rows but X has {n_samples} samples; {name} needs one row per sample "
+            f"({_SLICING_NOTE}; a transposed {name} would be split wrongly)."
+        )
+    if n_columns is not None and arr.shape[1] != n_columns:
+        raise ValueError(f"{name} has {arr.shape[1]} columns, expected {n_columns}.")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} has no columns; pass {name}=None to train without byproducts.")
+    if np.isinf(arr).any():
+        raise ValueError(f"{name} contains infinity; mark missing byproducts with NaN.")
+    return arr
+
+
+def drop_unusable_byproducts(Z: np.ndarray | None, byproduct_weight: float, *, name: str = "Z"):
+    """Return None when Z cannot contribute to training, warning when it was meant to.
+
+    Parameters
+    ----------
+    Z : ndarray or None
+        Validated byproducts.
+    byproduct_weight : float
+        Weight of the byproduct loss; 0 means Z is not used.
+    name : str, default="Z"
+
+    Returns
+    -------
+    ndarray or None
+
+    Examples
+    --------
+    >>> import numpy as np, warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     out = drop_unusable_byproducts(np.full((2, 1), np.nan), 1.0)
+    >>> out is None, "entirely missing" in str(caught[0].message)
+    (True, True)
+    """
+    if Z is None or byproduct_weight == 0:
+        return None
+    if np.isnan(Z).all():
+        warnings.warn(
+            f"{name} is entirely missing (all NaN) while byproduct_weight={byproduct_weight}; "
+            "training without byproducts.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return None
+    return Z
+
+
+class LabelEncoding(NamedTuple):
+    """Encoded targets: ``y`` (int64 indices, or a float 0/1 indicator for multilabel), ``classes``,
+    and ``task`` ("binary", "multiclass" or "multilabel")."""
+
+    y: np.ndarray
+    classes: np.ndarray
+    task: str
+
+
+def encode_labels(y) -> LabelEncoding:
+    """Encode classification targets of any label type.
+
+    Parameters
+    ----------
+    y : array-like of shape (n_samples,) or (n_samples, n_labels)
+        Class labels (numbers or strings), or a 0/1 label indicator matrix for multi-label problems.
+
+    Returns
+    -------
+    LabelEncoding
+
+    Raises
+    ------
+    ValueError
+        If y is continuous, multi-output multi-class, or has a single class.
+
+    Examples
+    --------
+    >>> enc = encode_labels(["cat", "dog", "cat"])
+    >>> enc.y.tolist(), enc.classes.tolist(), enc.task
+    ([0, 1, 0], ['cat', 'dog'], 'binary')
+    >>> encode_labels([[1, 0], [1, 1]]).task
+    'multilabel'
+    """
+    kind = type_of_target(y, input_name="y")
+    if kind == "multilabel-indicator":
+        indicator = y.toarray() if sp.issparse(y) else np.asarray(y)
+        return LabelEncoding(indicator.astype(np.float32), np.arange(indicator.shape[1]), "multilabel")
+    if kind not in ("binary", "multiclass"):
+        raise ValueError(
+            f"y must hold class labels (binary or multiclass) or a 0/1 multi-label indicator matrix; "
+            f"got target type {kind!r}."
+        )
+    y = np.asarray(y)
+    if y.ndim == 2:
+        y = y.ravel()
+    classes, encoded = np.unique(y, return_inverse=True)
+    if classes.size < 2:
+        raise ValueError(f"y has only one class ({classes[0]!r}); a classifier needs at least 2 classes.")
+    return LabelEncoding(encoded.astype(np.int64), classes, "binary" if classes.size == 2 else "multiclass")
+
+
+def nan_standardization(A: np.ndarray, axis: int | tuple[int, ...] = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and scale for standardising ``A`` along ``axis``, ignoring NaN.
+
+    Constant or entirely missing columns get scale 1 (and mean 0 when entirely missing), so the
+    transform ``(A - mean) / scale`` is always finite where A is.
+
+    Parameters
+    ----------
+    A : ndarray
+    axis : int or tuple of int, default=0
+
+    Returns
+    -------
+    mean, scale : ndarray
+        Broadcastable against A with ``axis`` removed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> nan_standardization(np.array([[1.0, np.nan], [3.0, np.nan]]))
+    (array([2., 0.]), array([1., 1.]))
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices are handled below
+        mean = np.nanmean(A, axis=axis, dtype=np.float64)
+        std = np.nanstd(A, axis=axis, dtype=np.float64)
+    mean = np.nan_to_num(mean, nan=0.0)
+    std = np.nan_to_num(std, nan=1.0)
+    std[std < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
+    return mean, std
+
+
+def seed_from(random_state) -> int:
+    """Draw a torch seed from a scikit-learn ``random_state`` (None, int or RandomState).
+
+    Examples
+    --------
+    >>> seed_from(0) == seed_from(0)
+    True
+    """
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+@contextlib.contextmanager
+def torch_seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed torch's global generators inside the block and restore them afterwards.
+
+    Parameters
+    ----------
+    seed : int
+    device : torch.device, optional
+        A CUDA device whose generator is forked and seeded too.
+
+    Examples
+    --------
+    >>> with torch_seeded(3):
+    ...     a = torch.rand(2)
+    >>> with torch_seeded(3):
+    ...     b = torch.rand(2)
+    >>> bool((a == b).all())
+    True
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+class LUABClassifierMixin:
+    """Turn label scores into predictions for binary, multi-class and multi-label tasks.
+
+    Subclasses set ``classes_`` and ``task_`` in ``fit`` (from :func:`encode_labels`) and implement
+    ``_label_scores(X) -> ndarray of shape (n_samples, n_outputs)`` (one column for a binary task).
+    """
+
+    __metadata_request__fit = {"Z": True}
+
+    def decision_function(self, X):
+        """Label scores (logits).
+
+        Parameters
+        ----------
+        X : array-like
+            Samples, as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) for a binary task, else (n_samples, n_outputs)
+        """
+        check_is_fitted(self)
+        scores = self._label_scores(X)
+        return scores[:, 0] if self.task_ == "binary" else scores
+
+    def predict_proba(self, X):
+        """Class probabilities (softmax), or per-label probabilities (sigmoid) for multi-label y.
+
+        Parameters
+        ----------
+        X : array-like
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes)
+        """
+        check_is_fitted(self)
+        scores = self._label_scores(X).astype(np.float64)
+        if self.task_ == "multiclass":
+            return softmax(scores, axis=1)
+        p = expit(scores)
+        return np.hstack([1.0 - p, p]) if self.task_ == "binary" else p
+
+    def predict(self, X):
+        """Predicted class labels (a 0/1 indicator matrix for multi-label y).
+
+        Parameters
+        ----------
+        X : array-like
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_labels)
+        """
+        check_is_fitted(self)
+        scores = self._label_scores(X)
+        if self.task_ == "multilabel":
+            return (scores > 0).astype(np.int64)
+        if self.task_ == "binary":
+            return self.classes_[(scores[:, 0] > 0).astype(np.int64)]
+        return self.classes_[scores.argmax(axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        tags.target_tags.multi_output = True
+        return tags
