@@ -10,6 +10,7 @@ float64, so that results do not depend on how queries are batched.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from contextlib import contextmanager
 
@@ -25,6 +26,7 @@ INDEX_TYPES = ("auto", "flat", "ivf")
 IVF_AUTO_MIN_SAMPLES = 200_000
 # Rows re-scored at once: bounds the (rows * k * d) float32 block gathered from the index.
 _RESCORE_BLOCK_ELEMENTS = 1 << 23
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # Database rows used by the self-search that validates a GPU copy.
 _GPU_PROBE_ROWS = 8
 
@@ -49,7 +51,7 @@ def check_search_params(metric, index, nlist, nprobe, device):
         is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
         if value is not None and not (is_int and value >= 1):
             raise ValueError(f"{name} must be None or a positive integer, got {value!r}.")
-    if device is not None and not isinstance(device, str):
+    if device is not None and not (isinstance(device, str) and _DEVICE_PATTERN.fullmatch(device)):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
 
 
@@ -88,11 +90,7 @@ def gpu_id_for(device):
     if device is None or device == "auto":
         return 0 if faiss.get_num_gpus() > 0 else None
     dev = resolve_device(device)
-    if dev.type == "cpu":
-        return None
-    if dev.type != "cuda":
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
-    return dev.index or 0
+    return None if dev.type == "cpu" else (dev.index or 0)
 
 
 def index_to_gpu(index, gpu_id, probe):
