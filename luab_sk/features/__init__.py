@@ -1,1 +1,18 @@
-"""luab_sk.features"""
+"""Image features: backbones behind one interface, image loading, and the cached FeatureExtractor.
+
+Importing this package is light: open_clip, timm and torchvision are imported only when a backbone of
+that family is built.
+"""
+
+from .backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
+from .images import ImageDataset, ImageLoadError, load_image
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "DEFAULT_PRETRAINED",
+    "Backbone",
+    "ImageDataset",
+    "ImageLoadError",
+    "load_backbone",
+    "load_image",
+]
