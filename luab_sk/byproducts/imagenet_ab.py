@@ -1,0 +1,328 @@
+"""Read ImageNet-AB annotation-byproduct XML files (one per training image) into records.
+
+The XML is untrusted input and is parsed with :mod:`defusedxml`. See ``DESIGN.md`` ("Annotation byproduct
+formats") for the format and its quirks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import datetime, timezone
+from xml.etree.ElementTree import ParseError as _XMLSyntaxError
+
+import numpy as np
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring
+from joblib import Parallel, delayed
+
+from ._records import (
+    ByproductFormatError,
+    ByproductRecords,
+    ImageNetABRecord,
+    ImageNetABTask,
+    ParseError,
+    check_on_error,
+    imagenet_key,
+)
+
+__all__ = ["list_imagenet_ab_files", "parse_imagenet_ab_xml", "read_imagenet_ab"]
+
+_TRUE = {"True": True, "true": True, "1": True, "False": False, "false": False, "0": False}
+# <metadata> children holding a number, and the ImageNetABTask attribute each fills.
+_NUMBERS = {
+    "selectedCount": "selected_count",
+    "hoveredCount": "hovered_count",
+    "estimateTime": "estimate_time",
+    "image_idx": "image_idx",
+    "page_idx": "page_idx",
+}
+_STRINGS = {
+    "worker_id": "worker_id",
+    "assignment_id": "assignment_id",
+    "hit_id": "hit_id",
+    "imagenet_hit_id": "imagenet_hit_id",
+}
+_PAIRS = {  # attribute: (first tag, second tag)
+    "image_size": ("imageWidth", "imageHeight"),
+    "original_image_size": ("originalImageWidth", "originalImageHeight"),
+}
+_PAIR_TAGS = {tag for pair in _PAIRS.values() for tag in pair}
+_BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
+
+
+def _number(text, tag):
+    """A float from element text; None/empty/'None' is NaN; anything else unparsable is an error."""
+    if text is None:
+        return math.nan
+    text = text.strip()
+    if not text or text == "None":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"<{tag}> holds {text!r}, not a number") from None
+
+
+def _time_ms(text, tag):
+    """Epoch milliseconds from a number or an ISO-8601 date (naive dates are taken as UTC)."""
+    try:
+        return _number(text, tag)
+    except ValueError:
+        stamp = text.strip()
+        stamp = stamp[:-1] + "+00:00" if stamp.endswith("Z") else stamp
+        try:
+            when = datetime.fromisoformat(stamp)
+        except ValueError:
+            raise ValueError(f"<{tag}> holds {text!r}, neither epoch ms nor an ISO-8601 date") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        return when.timestamp() * 1000.0
+
+
+def _xy(element, tag):
+    x = y = t = math.nan
+    for child in element:
+        if child.tag == "x":
+            x = _number(child.text, f"{tag}/x")
+        elif child.tag == "y":
+            y = _number(child.text, f"{tag}/y")
+        elif child.tag == "time":
+            t = _time_ms(child.text, f"{tag}/time")
+    return x, y, t
+
+
+def _parse_task(block, traces):
+    task = ImageNetABTask()
+    pairs = {}
+    trace = []
+    hover_actions = []
+    hover_times = []
+    for el in block:
+        tag = el.tag
+        if tag == "mouseTracking":
+            if traces:
+                # Samples come as repeated <mouseTracking><time/><x/><y/></mouseTracking> elements, or as one
+                # element holding repeated time/x/y triples; a literal "None" has no children.
+                sample = {}
+                for child in el:
+                    sample[child.tag] = child.text
+                    if len(sample) == 3:
+                        trace.append(
+                            (
+                                _time_ms(sample.get("time"), "mouseTracking/time"),
+                                _number(sample.get("x"), "mouseTracking/x"),
+                                _number(sample.get("y"), "mouseTracking/y"),
+                            )
+                        )
+                        sample = {}
+        elif tag == "hoveredRecord":
+            if traces:
+                action = None
+                for child in el:
+                    if child.tag == "action":
+                        action = (child.text or "").strip()
+                    elif child.tag == "time":
+                        hover_actions.append(action)
+                        hover_times.append(_time_ms(child.text, "hoveredRecord/time"))
+                        action = None
+        elif tag == "selected":
+            text = (el.text or "").strip()
+            if text not in _TRUE:
+                raise ValueError(f"<selected> holds {text!r}, not True/False")
+            task.selected = _TRUE[text]
+        elif tag == "selectedRecord":
+            x, y, t = _xy(el, tag)
+            task.point = (x, y)
+            task.selected_time = t
+        elif tag == "imagePosition":
+            x, y, _ = _xy(el, tag)
+            task.image_position = (x, y)
+        elif tag in _NUMBERS:
+            setattr(task, _NUMBERS[tag], _number(el.text, tag))
+        elif tag in _STRINGS:
+            text = (el.text or "").strip()
+            setattr(task, _STRINGS[tag], text if text and text != "None" else None)
+        elif tag in _PAIR_TAGS:
+            pairs[tag] = _number(el.text, tag)
+        elif tag == "hit_submit_time":
+            task.hit_submit_time = _time_ms(el.text, tag)
+        else:
+            task.extra[tag] = el.text
+    for name, (a, b) in _PAIRS.items():
+        if a in pairs or b in pairs:
+            setattr(task, name, (pairs.get(a, math.nan), pairs.get(b, math.nan)))
+    if trace:
+        task.trace = np.array(trace, dtype=np.float64)
+    if hover_times:
+        task.hover_actions = tuple(hover_actions)
+        task.hover_times = np.array(hover_times, dtype=np.float64)
+    return task
+
+
+def parse_imagenet_ab_xml(path, traces=True):
+    """Parse one ImageNet-AB XML file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.../<wnid>/<wnid>_<id>.xml``.
+    traces : bool, default=True
+        Parse mouse traces and hover records (set False for speed and memory when only clicks and timings
+        are needed; ``trace`` and ``hover_times`` are then empty).
+
+    Returns
+    -------
+    ImageNetABRecord
+
+    Raises
+    ------
+    ByproductFormatError
+        If the file is not well-formed XML, holds forbidden constructs (entities, external references), or a
+        field does not parse. ``OSError`` if it cannot be read.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> xml = ("<annotation><metadata><selected>True</selected>"
+    ...        "<selectedRecord><x>0.25</x><y>0.5</y><time>1.6e12</time></selectedRecord>"
+    ...        "<mouseTracking>None</mouseTracking></metadata></annotation>")
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "n01440764_1.xml"
+    >>> _ = p.write_text(xml)
+    >>> rec = parse_imagenet_ab_xml(p)
+    >>> rec.key, rec.point.tolist(), rec.tasks[0].trace.shape
+    ('n01440764/n01440764_1', [0.25, 0.5], (0, 3))
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        root = fromstring(data)
+        tasks = []
+        boxes = []
+        names = []
+        size = (math.nan, math.nan)
+        for el in root:
+            tag = el.tag
+            if tag == "metadata":
+                tasks.append(_parse_task(el, traces))
+            elif tag == "object":
+                box = el.find("bndbox")
+                if box is not None:
+                    boxes.append([_number(box.findtext(c), f"bndbox/{c}") for c in _BOX_TAGS])
+                    names.append(el.findtext("name"))
+            elif tag == "size":
+                size = tuple(_number(el.findtext(c), f"size/{c}") for c in ("width", "height"))
+    except (_XMLSyntaxError, DefusedXmlException, ValueError) as exc:
+        raise ByproductFormatError(path, f"{type(exc).__name__}: {exc}") from exc
+    return ImageNetABRecord(
+        key=imagenet_key(path),
+        path=path,
+        tasks=tuple(tasks),
+        size=size,
+        ilsvrc_boxes=np.array(boxes, dtype=np.float64).reshape(-1, 4),
+        ilsvrc_names=tuple(names),
+    )
+
+
+def list_imagenet_ab_files(directory):
+    """All ImageNet-AB XML files under ``directory``, sorted, skipping AppleDouble ``._*`` files.
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+
+    Returns
+    -------
+    list of str
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise ValueError(f"source directory {directory!r} does not exist or is not a directory.")
+    found = []
+    for dirpath, _, filenames in os.walk(directory):
+        xmls = (n for n in filenames if n.endswith(".xml") and not n.startswith("._"))
+        found.extend(os.path.join(dirpath, n) for n in xmls)
+    found.sort()
+    return found
+
+
+def _parse_chunk(paths, traces):
+    records, errors = [], []
+    for path in paths:
+        try:
+            records.append(parse_imagenet_ab_xml(path, traces=traces))
+        except ByproductFormatError as exc:
+            errors.append(ParseError(exc.path, exc.reason))
+        except OSError as exc:
+            errors.append(ParseError(path, f"{type(exc).__name__}: {exc.strerror or exc}"))
+    return records, errors
+
+
+def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs=None, chunk_size=2000):
+    """Read ImageNet-AB XML files into per-image records.
+
+    Parameters
+    ----------
+    source : str, os.PathLike or iterable of paths
+        A folder laid out as ``<wnid>/<wnid>_<id>.xml`` (searched recursively; AppleDouble ``._*.xml`` files
+        are skipped), or a list of XML paths.
+    keys : iterable, optional
+        Only read the files of these images (image paths, file names or ``"wnid/wnid_id"`` keys, see
+        :func:`imagenet_key`). An image without a file gets no record, not an error: after
+        ``records.align(keys)`` its entry is None and the encoders give it a missing Z row.
+    on_error : {"raise", "skip"}, default="raise"
+        What to do with a malformed, truncated or unreadable file: raise :class:`ByproductFormatError`
+        (for the first bad file, in path order), or skip it and list it, with the reason, in
+        ``records.errors``.
+    traces : bool, default=True
+        Parse mouse traces and hover records.
+    n_jobs : int, optional
+        Processes to parse with (joblib); None means 1, -1 all cores.
+    chunk_size : int, default=2000
+        Files per joblib task.
+
+    Returns
+    -------
+    ByproductRecords
+        In the order of ``keys`` when given, else in sorted path order.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from luab_sk.datasets.imagenet_ab_like import make_imagenet_ab_like
+    >>> folder = tempfile.mkdtemp()
+    >>> truth = make_imagenet_ab_like(folder, n_classes=2, n_per_class=3, random_state=0)
+    >>> records = read_imagenet_ab(folder, on_error="skip")
+    >>> len(records) + len(records.errors) == len(truth.image_keys)
+    True
+    """
+    check_on_error(on_error)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
+    if isinstance(source, (str, os.PathLike)):
+        if keys is not None:
+            folder = os.fspath(source)
+            if not os.path.isdir(folder):
+                raise ValueError(f"source directory {folder!r} does not exist or is not a directory.")
+            wanted = [imagenet_key(k) for k in keys]
+            paths = [os.path.join(folder, k + ".xml") for k in wanted]
+            paths = [p for p in paths if os.path.isfile(p)]
+        else:
+            paths = list_imagenet_ab_files(source)
+    else:
+        paths = [os.fspath(p) for p in source if not os.path.basename(os.fspath(p)).startswith("._")]
+        if keys is not None:
+            by_key = {imagenet_key(p): p for p in paths}
+            paths = [by_key[k] for k in (imagenet_key(k) for k in keys) if k in by_key]
+    chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
+    if n_jobs in (None, 1) or len(chunks) <= 1:
+        results = [_parse_chunk(chunk, traces) for chunk in chunks]
+    else:
+        results = Parallel(n_jobs=n_jobs)(delayed(_parse_chunk)(chunk, traces) for chunk in chunks)
+    records = [rec for recs, _ in results for rec in recs]
+    errors = [err for _, errs in results for err in errs]
+    if errors and on_error == "raise":
+        raise ByproductFormatError(*errors[0])
+    return ByproductRecords(records, fmt="imagenet_ab", errors=errors)
+
