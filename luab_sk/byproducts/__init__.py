@@ -1,12 +1,30 @@
-"""Annotation byproducts Z: readers, encoders to Z arrays, and crop/flip geometry.
+"""Annotation byproducts Z: readers, the encoder to Z arrays, and crop/flip geometry.
 
-Submodules
-----------
-geometry
-    Map (x, y) points through pixel/normalised conversion, crops (random-resized or centre) and horizontal
-    flips; build and decode heatmap targets.
+Readers
+    :func:`read_imagenet_ab` (a folder or list of ImageNet-AB XML files, parsed with defusedxml, in parallel
+    with joblib) and :func:`read_coco_ab` / :func:`iter_coco_ab` (the COCO-AB JSON, streamed in bounded
+    memory) return :class:`ByproductRecords`: per-image records keyed by ``"wnid/wnid_id"`` or ``image_id``,
+    with ``align(keys)`` to line them up with an image list (None where an image has no byproducts).
+Encoder
+    :class:`ByproductEncoder` turns records into Z arrays (points, per-class points, heatmaps, traces,
+    timings) with NaN for what is missing.
+Geometry
+    :mod:`luab_sk.byproducts.geometry` moves points through crops and flips, marking points outside a crop
+    as missing, and builds heatmap targets.
 """
 
+from ._records import (
+    ByproductFormatError,
+    ByproductRecords,
+    COCOABRecord,
+    ImageNetABRecord,
+    ImageNetABTask,
+    ParseError,
+    coco_key,
+    imagenet_key,
+)
+from .coco_ab import iter_coco_ab, read_coco_ab
+from .encoder import ByproductEncoder, icon_positions
 from .geometry import (
     center_crop_box,
     crop_points,
@@ -18,15 +36,31 @@ from .geometry import (
     sample_resized_crop_box,
     uncrop_points,
 )
+from .imagenet_ab import list_imagenet_ab_files, parse_imagenet_ab_xml, read_imagenet_ab
 
 __all__ = [
+    "ByproductEncoder",
+    "ByproductFormatError",
+    "ByproductRecords",
+    "COCOABRecord",
+    "ImageNetABRecord",
+    "ImageNetABTask",
+    "ParseError",
     "center_crop_box",
+    "coco_key",
     "crop_points",
     "heatmap_to_points",
     "hflip_points",
+    "icon_positions",
+    "imagenet_key",
+    "iter_coco_ab",
+    "list_imagenet_ab_files",
     "normalized_to_pixel",
+    "parse_imagenet_ab_xml",
     "pixel_to_normalized",
     "points_to_heatmap",
+    "read_coco_ab",
+    "read_imagenet_ab",
     "sample_resized_crop_box",
     "uncrop_points",
 ]

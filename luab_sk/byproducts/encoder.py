@@ -1,0 +1,413 @@
+"""``ByproductEncoder``: turn byproduct records into the Z arrays the estimators regress."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.preprocessing import RobustScaler
+from sklearn.utils.validation import check_is_fitted
+
+from ._records import COCOABRecord, ImageNetABRecord
+from .geometry import points_to_heatmap
+
+__all__ = ["ByproductEncoder", "icon_positions"]
+
+_KINDS = ("point", "points_per_class", "heatmap", "trace", "timing")
+_FORMAT_KINDS = {
+    "imagenet_ab": {"point", "heatmap", "trace", "timing"},
+    "coco_ab": {"points_per_class", "heatmap", "trace", "timing"},
+}
+_TIMING_NAMES = {
+    "imagenet_ab": ("estimate_time", "hovered_count", "hover_time", "selected_count"),
+    "coco_ab": ("time_spent", "n_add", "n_move", "n_remove"),
+}
+
+
+def icon_positions(record, position="add"):
+    """Per-class icon positions of a COCO-AB record.
+
+    Parameters
+    ----------
+    record : COCOABRecord
+    position : {"add", "final"}, default="add"
+        ``"add"``: the ``pointTo`` of every ``add`` action (the reference loader's choice). ``"final"``: where
+        the icons are after replaying every ``move`` (which takes the icon of that class nearest to its
+        ``pointFrom``) and ``remove`` (which deletes it); a class whose icons were all removed is absent.
+
+    Returns
+    -------
+    dict
+        Class name to an ``(m, 2)`` array of ``(x, y)`` points, one row per icon.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rec = COCOABRecord(1, action_types=("add", "move"), icon_types=("dog", "dog"),
+    ...                    points_from=np.array([[np.nan, np.nan], [0.2, 0.2]]),
+    ...                    points_to=np.array([[0.2, 0.2], [0.5, 0.6]]), action_times=np.zeros(2))
+    >>> icon_positions(rec, "add")["dog"].tolist(), icon_positions(rec, "final")["dog"].tolist()
+    ([[0.2, 0.2]], [[0.5, 0.6]])
+    """
+    if position not in ("add", "final"):
+        raise ValueError(f"position must be 'add' or 'final'; got {position!r}.")
+    icons = {}
+    for action, name, p_from, p_to in zip(record.action_types, record.icon_types, record.points_from,
+                                          record.points_to):
+        mine = icons.setdefault(name, [])
+        if action == "add":
+            if not np.isnan(p_to).any():
+                mine.append(p_to)
+        elif position == "final" and action in ("move", "remove") and mine:
+            if np.isnan(p_from).any():
+                i = len(mine) - 1
+            else:
+                i = int(np.argmin([np.sum((p - p_from) ** 2) for p in mine]))
+            if action == "remove":
+                mine.pop(i)
+            elif not np.isnan(p_to).any():
+                mine[i] = p_to
+    return {name: np.array(pts).reshape(-1, 2) for name, pts in icons.items() if pts}
+
+
+def _as_record_list(records, name="records"):
+    """A list of records (None allowed) and their format; precise errors for anything else."""
+    if isinstance(records, (str, bytes, np.ndarray)) or not hasattr(records, "__len__"):
+        raise TypeError(
+            f"{name} must be a ByproductRecords or a list of ImageNetABRecord/COCOABRecord (None for a "
+            f"missing image), e.g. from records.align(keys); got {type(records).__name__}."
+        )
+    items = list(records)
+    formats = set()
+    for i, rec in enumerate(items):
+        if isinstance(rec, ImageNetABRecord):
+            formats.add("imagenet_ab")
+        elif isinstance(rec, COCOABRecord):
+            formats.add("coco_ab")
+        elif rec is not None:
+            kind = type(rec).__name__
+            raise TypeError(f"{name}[{i}] is a {kind}, not an ImageNetABRecord, COCOABRecord or None.")
+    if len(formats) > 1:
+        raise ValueError(f"{name} mixes ImageNet-AB and COCO-AB records.")
+    return items, (formats.pop() if formats else None)
+
+
+def _resample_trace(trace, length):
+    """Resample a ``(t, 3)`` ``[time, x, y]`` trace to ``length`` points evenly spaced in time."""
+    trace = trace[~np.isnan(trace[:, 1:]).any(axis=1)]
+    if len(trace) == 0:
+        return np.full((length, 2), np.nan)
+    times = trace[:, 0]
+    if len(trace) == 1 or np.isnan(times).any() or times[-1] <= times[0]:
+        times = np.arange(len(trace), dtype=float)  # no usable clock: space the samples evenly
+    order = np.argsort(times, kind="stable")
+    times, xy = times[order], trace[order, 1:]
+    grid = np.linspace(times[0], times[-1], length)
+    return np.column_stack([np.interp(grid, times, xy[:, 0]), np.interp(grid, times, xy[:, 1])])
+
+
+def _hover_time(task):
+    """Total ms between each hover ``enter`` and the next ``leave`` of one task (NaN when not recorded)."""
+    if len(task.hover_times) == 0:
+        return 0.0 if task.hovered_count == 0 else np.nan
+    total, entered = 0.0, None
+    for action, t in zip(task.hover_actions, task.hover_times):
+        if action == "enter":
+            entered = t
+        elif action == "leave" and entered is not None:
+            total += t - entered
+            entered = None
+    return total
+
+
+def _nanmean(values):
+    values = np.asarray(values, dtype=float)
+    ok = ~np.isnan(values)
+    return values[ok].mean() if ok.any() else np.nan
+
+
+class ByproductEncoder(TransformerMixin, BaseEstimator):
+    """Encode byproduct records as a Z array, NaN marking what is missing.
+
+    Parameters
+    ----------
+    kind : str or sequence of str, default="point"
+        What to encode; several kinds are concatenated in the given order (see ``feature_slices_`` and
+        :meth:`get_feature_names_out` for the column layout):
+
+        - ``"point"`` (ImageNet-AB), 2 columns ``[x, y]``: the reference loader's Z, the mean of the first
+          selecting click of every selected task, in ``[0, 1]`` image coordinates.
+        - ``"points_per_class"`` (COCO-AB), ``2 * K`` columns ``[x_0, y_0, x_1, y_1, ...]`` in ``classes_``
+          order: the mean icon position of each class (see ``per_class_position``); NaN for absent classes.
+        - ``"heatmap"``, ``H * W`` columns, row-major: a Gaussian around the click (COCO-AB: an equal mixture
+          of Gaussians around the class points), each row summing to 1.
+        - ``"trace"``, ``2 * trace_length`` columns ``[x_0, y_0, ...]``: the mouse trace resampled evenly in
+          time. ImageNet-AB: the first selected task that has a trace, extended to end at its click;
+          COCO-AB: the whole session.
+        - ``"timing"``, 4 columns. ImageNet-AB: ``estimate_time`` (mean over selected tasks; 0 counts as
+          missing), ``hovered_count``, ``hover_time`` (ms between enter and leave events) and
+          ``selected_count`` (means over tasks). COCO-AB: ``time_spent``, ``n_add``, ``n_move``,
+          ``n_remove``. Scaled as set by ``timing_scale``.
+
+        Point-like blocks (point, points_per_class, trace) hold interleaved ``(x, y)`` pairs, so they can be
+        moved through crops and flips with :mod:`luab_sk.byproducts.geometry`.
+    per_class_position : {"add", "final"}, default="add"
+        For COCO-AB points: the ``add`` drop (reference loader) or the icon's final position after moves and
+        removes (see :func:`icon_positions`).
+    classes : sequence of str, optional
+        COCO class names, fixing the ``points_per_class`` column order. Default: the sorted class names of
+        every ``add`` action seen in ``fit``.
+    heatmap_shape : tuple of (H, W), default=(7, 7)
+    heatmap_sigma : float, default=0.1
+        Gaussian standard deviation, in normalised image units.
+    trace_length : int, default=16
+        Number of resampled trace points.
+    timing_scale : {"robust", None}, default="robust"
+        ``"robust"``: ``log1p`` then centre on the median and divide by the interquartile range learned in
+        ``fit`` (NaN-aware). None: raw values (ms and counts).
+
+    Attributes
+    ----------
+    format_ : {"imagenet_ab", "coco_ab"}
+        The record format seen in ``fit``.
+    kinds_ : tuple of str
+    classes_ : ndarray of str
+        Class names of the ``points_per_class`` columns (COCO-AB; empty otherwise).
+    feature_slices_ : dict
+        Kind to the ``slice`` of its columns in Z.
+    n_features_out_ : int
+    timing_scaler_ : RobustScaler or None
+        Fitted on log1p timings when ``"timing"`` is encoded with ``timing_scale="robust"``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from luab_sk.byproducts import read_imagenet_ab
+    >>> from luab_sk.datasets.imagenet_ab_like import make_imagenet_ab_like
+    >>> folder = tempfile.mkdtemp()
+    >>> truth = make_imagenet_ab_like(folder, n_classes=2, n_per_class=5, random_state=0)
+    >>> records = read_imagenet_ab(folder)
+    >>> enc = ByproductEncoder(kind=["point", "timing"]).fit(records)
+    >>> Z = enc.transform(records.align(truth.image_keys))
+    >>> Z.shape, enc.feature_slices_["point"]
+    ((10, 6), slice(0, 2, None))
+    >>> bool(np.allclose(Z[:, :2], truth.points, equal_nan=True))
+    True
+    """
+
+    def __init__(
+        self,
+        kind="point",
+        *,
+        per_class_position="add",
+        classes=None,
+        heatmap_shape=(7, 7),
+        heatmap_sigma=0.1,
+        trace_length=16,
+        timing_scale="robust",
+    ):
+        self.kind = kind
+        self.per_class_position = per_class_position
+        self.classes = classes
+        self.heatmap_shape = heatmap_shape
+        self.heatmap_sigma = heatmap_sigma
+        self.trace_length = trace_length
+        self.timing_scale = timing_scale
+
+    def _validate_params(self, fmt):
+        kinds = (self.kind,) if isinstance(self.kind, str) else tuple(self.kind)
+        if not kinds or any(k not in _KINDS for k in kinds) or len(set(kinds)) != len(kinds):
+            raise ValueError(f"kind must be one or more distinct values of {_KINDS}; got {self.kind!r}.")
+        unsupported = [k for k in kinds if k not in _FORMAT_KINDS[fmt]]
+        if unsupported:
+            hint = " (use 'points_per_class')" if "point" in unsupported else " (use 'point')"
+            raise ValueError(f"kind {unsupported} is not available for {fmt} records{hint}.")
+        if self.per_class_position not in ("add", "final"):
+            raise ValueError(f"per_class_position must be 'add' or 'final'; got {self.per_class_position!r}.")
+        shape = tuple(self.heatmap_shape)
+        if len(shape) != 2 or not all(isinstance(v, numbers.Integral) and v > 0 for v in shape):
+            raise ValueError(f"heatmap_shape must be (H, W), positive integers; got {self.heatmap_shape!r}.")
+        if not (isinstance(self.heatmap_sigma, numbers.Real) and self.heatmap_sigma > 0):
+            raise ValueError(f"heatmap_sigma must be a positive number; got {self.heatmap_sigma!r}.")
+        if not (isinstance(self.trace_length, numbers.Integral) and self.trace_length >= 2):
+            raise ValueError(f"trace_length must be an integer >= 2; got {self.trace_length!r}.")
+        if self.timing_scale not in ("robust", None):
+            raise ValueError(f"timing_scale must be 'robust' or None; got {self.timing_scale!r}.")
+        return kinds
+
+    def fit(self, X, y=None):
+        """Learn the format, the class list and the timing scale from records.
+
+        Parameters
+        ----------
+        X : ByproductRecords or list of record or None
+            Records, for example ``records.align(keys)``.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        items, fmt = _as_record_list(X, "X")
+        if fmt is None:
+            raise ValueError("X holds no record (only None): cannot learn what to encode.")
+        self.kinds_ = self._validate_params(fmt)
+        self.format_ = fmt
+        if self.classes is not None:
+            classes = [str(c) for c in self.classes]
+            if len(set(classes)) != len(classes) or not classes:
+                raise ValueError(f"classes must be a non-empty list of distinct names; got {self.classes!r}.")
+            self.classes_ = np.asarray(classes, dtype=object)
+        elif fmt == "coco_ab":
+            names = {n for rec in items if rec is not None for a, n in zip(rec.action_types, rec.icon_types)
+                     if a == "add" and n is not None}
+            self.classes_ = np.asarray(sorted(names), dtype=object)
+        else:
+            self.classes_ = np.asarray([], dtype=object)
+        if "points_per_class" in self.kinds_ and len(self.classes_) == 0:
+            raise ValueError("kind 'points_per_class' needs classes: none were found in X; pass classes=.")
+        widths = {
+            "point": 2,
+            "points_per_class": 2 * len(self.classes_),
+            "heatmap": int(np.prod(self.heatmap_shape)),
+            "trace": 2 * self.trace_length,
+            "timing": 4,
+        }
+        self.feature_slices_, start = {}, 0
+        for k in self.kinds_:
+            self.feature_slices_[k] = slice(start, start + widths[k])
+            start += widths[k]
+        self.n_features_out_ = start
+        self.timing_scaler_ = None
+        if "timing" in self.kinds_ and self.timing_scale == "robust":
+            raw = np.log1p(self._timing(items))
+            self.timing_scaler_ = RobustScaler().fit(raw)
+        return self
+
+    def transform(self, X):
+        """Encode records as Z.
+
+        Parameters
+        ----------
+        X : ByproductRecords or list of record or None
+            None (an image without byproducts) gives a row of NaN.
+
+        Returns
+        -------
+        Z : ndarray of shape (n_records, n_features_out_)
+        """
+        check_is_fitted(self)
+        items, fmt = _as_record_list(X, "X")
+        if fmt is not None and fmt != self.format_:
+            raise ValueError(f"X holds {fmt} records but the encoder was fitted on {self.format_} records.")
+        blocks = []
+        for k in self.kinds_:
+            if k == "point":
+                blocks.append(np.array([r.point if r is not None else (np.nan, np.nan) for r in items]))
+            elif k == "points_per_class":
+                blocks.append(self._points_per_class(items))
+            elif k == "heatmap":
+                blocks.append(self._heatmap(items))
+            elif k == "trace":
+                blocks.append(self._trace(items))
+            else:
+                raw = self._timing(items)
+                blocks.append(self.timing_scaler_.transform(np.log1p(raw)) if self.timing_scaler_ else raw)
+        return np.hstack([np.asarray(b, dtype=np.float64).reshape(len(items), -1) for b in blocks])
+
+    def get_feature_names_out(self, input_features=None):
+        """Column names of Z, for example ``point_x``, ``point_dog_y``, ``heatmap_3_4``, ``trace_15_x``.
+
+        Parameters
+        ----------
+        input_features : ignored
+
+        Returns
+        -------
+        ndarray of str
+        """
+        check_is_fitted(self)
+        names = []
+        for k in self.kinds_:
+            if k == "point":
+                names += ["point_x", "point_y"]
+            elif k == "points_per_class":
+                names += [f"point_{c}_{a}" for c in self.classes_ for a in "xy"]
+            elif k == "heatmap":
+                h, w = self.heatmap_shape
+                names += [f"heatmap_{i}_{j}" for i in range(h) for j in range(w)]
+            elif k == "trace":
+                names += [f"trace_{t}_{a}" for t in range(self.trace_length) for a in "xy"]
+            else:
+                names += [f"timing_{n}" for n in _TIMING_NAMES[self.format_]]
+        return np.asarray(names, dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.requires_fit = True
+        tags.target_tags.required = False
+        return tags
+
+    # -- per-kind encoders -------------------------------------------------------------------------------
+
+    def _class_points(self, rec):
+        """(K, 2) mean icon position per class of one COCO record, NaN for absent classes."""
+        icons = icon_positions(rec, self.per_class_position)
+        return np.array([icons[c].mean(axis=0) if c in icons else (np.nan, np.nan) for c in self.classes_])
+
+    def _points_per_class(self, items):
+        out = np.full((len(items), 2 * len(self.classes_)), np.nan)
+        for i, rec in enumerate(items):
+            if rec is not None:
+                out[i] = self._class_points(rec).ravel()
+        return out
+
+    def _heatmap(self, items):
+        out = np.full((len(items), int(np.prod(self.heatmap_shape))), np.nan)
+        for i, rec in enumerate(items):
+            if rec is None:
+                continue
+            pts = rec.point[None] if self.format_ == "imagenet_ab" else self._class_points(rec)
+            pts = pts[~np.isnan(pts).any(axis=1)]
+            if len(pts):
+                out[i] = points_to_heatmap(pts, self.heatmap_shape, self.heatmap_sigma).mean(axis=0)
+        return out
+
+    def _trace(self, items):
+        out = np.full((len(items), 2 * self.trace_length), np.nan)
+        for i, rec in enumerate(items):
+            if rec is None:
+                continue
+            if self.format_ == "coco_ab":
+                trace = rec.trace
+            else:
+                task = next((t for t in rec.tasks if t.selected and len(t.trace)), None)
+                if task is None:
+                    continue
+                trace = task.trace
+                click = np.asarray(task.point, dtype=float)
+                if not np.isnan(click).any() and not np.array_equal(trace[-1, 1:], click):
+                    t_click = task.selected_time if task.selected_time >= trace[-1, 0] else trace[-1, 0]
+                    trace = np.vstack([trace, [t_click, *click]])
+            out[i] = _resample_trace(trace, self.trace_length).ravel()
+        return out
+
+    def _timing(self, items):
+        out = np.full((len(items), 4), np.nan)
+        for i, rec in enumerate(items):
+            if rec is None:
+                continue
+            if self.format_ == "coco_ab":
+                types = list(rec.action_types)
+                out[i] = (rec.time_spent, types.count("add"), types.count("move"), types.count("remove"))
+            elif rec.tasks:
+                estimates = [t.estimate_time for t in rec.tasks if t.selected and t.estimate_time > 0]
+                out[i] = (
+                    _nanmean(estimates),
+                    _nanmean([t.hovered_count for t in rec.tasks]),
+                    _nanmean([_hover_time(t) for t in rec.tasks]),
+                    _nanmean([t.selected_count for t in rec.tasks]),
+                )
+        return out
