@@ -5,14 +5,20 @@ that family is built.
 """
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
+from .cache import EmbeddingCache, cache_info, clear_cache
+from .extractor import FeatureExtractor
 from .images import ImageDataset, ImageLoadError, load_image
 
 __all__ = [
     "DEFAULT_BACKBONE",
     "DEFAULT_PRETRAINED",
     "Backbone",
+    "EmbeddingCache",
+    "FeatureExtractor",
     "ImageDataset",
     "ImageLoadError",
+    "cache_info",
+    "clear_cache",
     "load_backbone",
     "load_image",
 ]

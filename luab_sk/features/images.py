@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -101,6 +102,7 @@ class ImageDataset(Dataset):
     ----------
     items : sequence or numpy.ndarray
         Paths, PIL images or uint8 arrays (a uint8 array of shape (n, H, W, 3) is a sequence of images).
+        Float tensors are taken as already transformed and returned as they are.
     transform : callable or None, default=None
         Applied to the RGB PIL image (e.g. :meth:`Backbone.eval_transform`). None returns the PIL image.
     on_error : {"raise", "skip"}, default="raise"
@@ -132,8 +134,11 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int):
+        item = self.items[index]
+        if isinstance(item, torch.Tensor) and item.is_floating_point():
+            return item, True  # already transformed
         try:
-            img, ok = load_image(self.items[index]), True
+            img, ok = load_image(item), True
         except (ImageLoadError, ValueError):
             if self.on_error == "raise":
                 raise

