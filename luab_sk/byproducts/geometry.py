@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import numpy as np
-import torch
 
 __all__ = [
     "center_crop_box",
@@ -40,9 +40,16 @@ __all__ = [
 ]
 
 
+def _torch_of(x):
+    """The torch module if ``x`` is a tensor, else None (without importing torch: readers stay light)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.is_tensor(x) else None
+
+
 def _as_pairs(points, name="points"):
     """Return ``points`` (NumPy float array or floating tensor) viewed as ``(..., K, 2)``."""
-    if torch.is_tensor(points):
+    torch = _torch_of(points)
+    if torch is not None:
         arr = points if points.is_floating_point() else points.to(torch.get_default_dtype())
     else:
         arr = np.asarray(points)
@@ -79,7 +86,8 @@ def _check_box(box):
 
 def _scale_shift(pairs, scale, shift):
     """``pairs * scale + shift`` with per-coordinate (x, y) constants, for NumPy arrays and tensors alike."""
-    if torch.is_tensor(pairs):
+    torch = _torch_of(pairs)
+    if torch is not None:
         scale = torch.as_tensor(scale, dtype=pairs.dtype, device=pairs.device)
         shift = torch.as_tensor(shift, dtype=pairs.dtype, device=pairs.device)
     else:
@@ -91,7 +99,8 @@ def _scale_shift(pairs, scale, shift):
 def _mask_outside(pairs):
     """Set both coordinates of every pair that lies outside the unit square to NaN."""
     outside = (pairs < 0) | (pairs > 1)
-    if torch.is_tensor(pairs):
+    torch = _torch_of(pairs)
+    if torch is not None:
         outside = outside.any(dim=-1, keepdim=True)
         return torch.where(outside, torch.full_like(pairs, float("nan")), pairs)
     return np.where(outside.any(axis=-1, keepdims=True), np.nan, pairs)
@@ -369,8 +378,9 @@ def points_to_heatmap(points, grid_shape, sigma=0.1):
             f"points must have shape (..., 2) (one point per heatmap); got {tuple(pairs.shape[:-2])} + "
             f"({2 * pairs.shape[-2]},). Reshape per-class points to (n, K, 2)."
         )
-    xp = torch if torch.is_tensor(pairs) else np
-    kwargs = {"dtype": pairs.dtype, "device": pairs.device} if xp is torch else {"dtype": pairs.dtype}
+    torch = _torch_of(pairs)
+    xp = torch or np
+    kwargs = {"dtype": pairs.dtype, "device": pairs.device} if torch else {"dtype": pairs.dtype}
     ys = (xp.arange(gh, **kwargs) + 0.5) / gh
     xs = (xp.arange(gw, **kwargs) + 0.5) / gw
     # pairs[..., 0, :] is (..., 2); build (..., H, W) squared distances by broadcasting.
@@ -378,7 +388,7 @@ def points_to_heatmap(points, grid_shape, sigma=0.1):
     py = pairs[..., 0, 1][..., None, None]
     logits = -((xs[None, :] - px) ** 2 + (ys[:, None] - py) ** 2) / (2.0 * sigma**2)
     logits = logits.reshape(*logits.shape[:-2], gh * gw)
-    if xp is torch:
+    if torch is not None:
         return torch.softmax(logits, dim=-1)  # NaN logits give an all-NaN row
     logits = logits - logits.max(axis=-1, keepdims=True)
     weights = np.exp(logits)
@@ -412,7 +422,8 @@ def heatmap_to_points(heatmaps, grid_shape, method="argmax"):
     gh, gw = (int(v) for v in grid_shape)
     if method not in ("argmax", "mean"):
         raise ValueError(f"method must be 'argmax' or 'mean'; got {method!r}.")
-    is_tensor = torch.is_tensor(heatmaps)
+    torch = _torch_of(heatmaps)
+    is_tensor = torch is not None
     hm = heatmaps if is_tensor else np.asarray(heatmaps, dtype=np.float64)
     if hm.ndim < 1 or hm.shape[-1] != gh * gw:
         raise ValueError(
