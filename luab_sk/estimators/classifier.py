@@ -1,0 +1,529 @@
+"""LUABClassifier: a classifier on frozen features that also learns from annotation byproducts."""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.decomposition import PCA
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from .._utils import resolve_device
+from ..nn import build_head, label_loss, multitask_loss
+from ._base import (
+    LUABClassifierMixin,
+    check_byproducts,
+    drop_unusable_byproducts,
+    encode_labels,
+    nan_standardization,
+    seed_from,
+    torch_seeded,
+)
+from ._training import train_module
+
+__all__ = ["LUABClassifier"]
+
+HEADS = ("linear", "mlp", "attention")
+POOLED_TARGETS = ("regression",)
+ATTENTION_TARGETS = ("heatmap", "point")
+# solver="auto" uses full-batch L-BFGS up to this many input elements (samples x width), AdamW above.
+_LBFGS_MAX_ELEMENTS = 100_000_000
+# Token rows used to fit the width-reducing PCA of the attention head.
+_PCA_MAX_ROWS = 50_000
+_PREDICT_CHUNK = 8192
+
+
+class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
+    """Classifier on frozen features trained with labels and annotation byproducts (LUAB).
+
+    A shared trunk (a linear bottleneck, an MLP, or attention pooling over tokens) feeds a label head
+    and a byproduct head; the loss is the label loss plus ``byproduct_weight`` times the byproduct loss
+    (Han et al., "Neglected Free Lunch", ICCV 2023). Because the trunk is shared, the byproducts shape
+    the representation the label head reads, and the byproduct weight changes the classifier.
+    Byproducts are only needed in ``fit``; prediction uses X alone.
+
+    Parameters
+    ----------
+    head : {"mlp", "linear", "attention"}, default="mlp"
+        ``"linear"``: a linear bottleneck of rank ``hidden_size`` shared by both heads. ``"mlp"``:
+        ``n_layers`` shared ReLU layers of width ``hidden_size``. ``"attention"``: X holds tokens
+        (n_samples, L, C) on a ``grid_shape`` grid; learned queries pool them, the label head reads the
+        pooled vector, and the byproducts (click points) supervise the attention map.
+    hidden_size : int, default=128
+        Bottleneck rank, hidden width, or projected token width (attention).
+    n_layers : int, default=1
+        Hidden layers of the ``"mlp"`` head.
+    byproduct_weight : float, default=1.0
+        Weight of the byproduct loss; 0 (or ``Z=None``) trains a plain classifier.
+    byproduct_loss : {"smooth_l1", "l2", "l1"}, default="smooth_l1"
+        Elementwise loss for ``byproduct_target="regression"`` and ``"point"``.
+    byproduct_target : {"auto", "regression", "heatmap", "point"}, default="auto"
+        How Z is used. ``"regression"`` (pooled heads): regress Z's columns. For the attention head,
+        Z holds click points (x, y) in [0, 1], one per sample (n, 2) or one per class (n, 2 * n_classes);
+        ``"heatmap"``: KL divergence between the attention map and a Gaussian of width ``sigma`` around
+        the click; ``"point"``: the map's soft-argmax regressed to the click. ``"auto"`` picks
+        ``"regression"`` for pooled heads and ``"heatmap"`` for the attention head.
+    sigma : float, default=0.1
+        Width of the click Gaussian, as a fraction of the image side.
+    grid_shape : tuple of int, optional
+        ``(grid_h, grid_w)`` of the token grid (attention); None infers a square grid from L.
+    n_heads : int, default=1
+        Learned queries of the attention head (their maps are averaged into the byproduct map).
+    n_components : int or None, default=64
+        Attention head: reduce the token width once with a PCA (whitened when ``standardize``) fitted on
+        the training tokens, keeping fits fast; None keeps the full width.
+    alpha : float, default=1e-4
+        L2 penalty: ``alpha / 2`` times the squared norm of every weight matrix, added to the mean loss.
+    solver : {"auto", "lbfgs", "adamw"}, default="auto"
+        ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` (strong Wolfe line search), for small and
+        medium problems. ``"adamw"``: mini-batch AdamW. ``"auto"``: L-BFGS up to 1e8 input elements.
+    max_iter : int, default=200
+        Maximum L-BFGS iterations or AdamW epochs.
+    tol : float, default=1e-5
+        L-BFGS stops when an iteration decreases the objective by less than ``tol * max(|f|, 1)``;
+        AdamW when the epoch loss has not improved by ``tol`` for ``n_iter_no_change`` epochs.
+    batch_size : int, default=256
+        AdamW mini-batch size.
+    learning_rate : float, default=1e-3
+        AdamW learning rate.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the training data (stratified when possible), stop when the
+        validation label loss has not improved for ``n_iter_no_change`` iterations/epochs, and keep the
+        best parameters.
+    validation_fraction : float, default=0.1
+    n_iter_no_change : int, default=10
+    standardize : bool, default=True
+        Standardise X (per feature or token channel) and regression byproducts (per column) inside the
+        estimator; ``predict_byproducts`` returns Z's units.
+    impute_byproducts : {None, "knn"}, default=None
+        ``"knn"``: fill the all-missing rows of Z in ``fit`` with
+        :class:`~luab_sk.estimators.knn.KNNByproductImputer` (tokens are mean-pooled for the search).
+    n_impute_neighbors : int, default=5
+        Neighbours of the kNN imputer.
+    device : str, default="auto"
+        ``"auto"`` uses CUDA when available.
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation, shuffling, the validation split and the PCA; an int gives identical
+        predictions on every fit.
+    verbose : int, default=0
+        Print the objective every iteration/epoch.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Class labels (``arange(n_labels)`` for multi-label y).
+    task_ : {"binary", "multiclass", "multilabel"}
+    module_ : torch.nn.Module
+        The trained head (a :class:`~luab_sk.nn.PooledHead` or :class:`~luab_sk.nn.AttentionHead`).
+    n_iter_ : int
+        Iterations (L-BFGS) or epochs (AdamW) run.
+    loss_curve_ : list of float
+        Training objective per iteration/epoch.
+    validation_scores_ : list of float
+        Negative validation label loss per iteration/epoch (with ``early_stopping``).
+    n_byproducts_ : int
+        Columns of the Z used in training (0 when trained without byproducts).
+    byproduct_target_ : str
+        The resolved ``byproduct_target``.
+    grid_shape_ : tuple of int
+        Token grid (attention head only).
+    token_pca_ : PCA or None
+        Width reduction of the tokens (attention head only).
+    n_features_in_ : int
+        Features of X (tokens per sample, L, for the attention head).
+
+    Examples
+    --------
+    >>> from luab_sk.datasets.synthetic import make_embedding_classification
+    >>> X, y, Z = make_embedding_classification(300, 32, n_classes=3, random_state=0)
+    >>> clf = LUABClassifier(head="linear", hidden_size=16, byproduct_weight=1.0, random_state=0)
+    >>> clf.fit(X, y, Z=Z).predict(X[:3]).shape
+    (3,)
+    >>> clf.predict_byproducts(X[:3]).shape == (3, Z.shape[1])
+    True
+    """
+
+    def __init__(
+        self,
+        head="mlp",
+        *,
+        hidden_size=128,
+        n_layers=1,
+        byproduct_weight=1.0,
+        byproduct_loss="smooth_l1",
+        byproduct_target="auto",
+        sigma=0.1,
+        grid_shape=None,
+        n_heads=1,
+        n_components=64,
+        alpha=1e-4,
+        solver="auto",
+        max_iter=200,
+        tol=1e-5,
+        batch_size=256,
+        learning_rate=1e-3,
+        early_stopping=False,
+        validation_fraction=0.1,
+        n_iter_no_change=10,
+        standardize=True,
+        impute_byproducts=None,
+        n_impute_neighbors=5,
+        device="auto",
+        random_state=None,
+        verbose=0,
+    ):
+        self.head = head
+        self.hidden_size = hidden_size
+        self.n_layers = n_layers
+        self.byproduct_weight = byproduct_weight
+        self.byproduct_loss = byproduct_loss
+        self.byproduct_target = byproduct_target
+        self.sigma = sigma
+        self.grid_shape = grid_shape
+        self.n_heads = n_heads
+        self.n_components = n_components
+        self.alpha = alpha
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.standardize = standardize
+        self.impute_byproducts = impute_byproducts
+        self.n_impute_neighbors = n_impute_neighbors
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, X, y, Z=None, sample_weight=None):
+        """Train on features X, labels y and (optionally) byproducts Z.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features), or (n_samples, L, C) for ``head="attention"``
+            Finite features or tokens.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            Class labels of any type, or a 0/1 indicator matrix for multi-label problems.
+        Z : array-like of shape (n_samples, n_byproducts), optional
+            Byproducts, NaN for missing elements (masked out of the loss). Must be an array with one
+            row per sample so that cross-validation and pipelines split it with X.
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        self : LUABClassifier
+        """
+        self._check_params()
+        attention = self.head == "attention"
+        X, y = validate_data(
+            self, X, y, allow_nd=attention, dtype=np.float32, multi_output=True, ensure_min_samples=2
+        )
+        self._check_x_rank(X)
+        check_classification_targets(y)
+        labels = encode_labels(y)
+        self.classes_, self.task_ = labels.classes, labels.task
+        n_outputs = 1 if labels.task == "binary" else labels.classes.size
+        sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float32)
+        Z = check_byproducts(Z, X.shape[0])
+        seed = seed_from(self.random_state)
+        device = resolve_device(self.device)
+
+        X = self._fit_input_transform(X, seed)
+        if Z is not None and attention:
+            self._check_points(Z, n_outputs)
+        Z = drop_unusable_byproducts(Z, self.byproduct_weight)
+        if Z is not None and self.impute_byproducts == "knn":
+            Z = self._impute(X, Z)
+        self.n_byproducts_ = 0 if Z is None else Z.shape[1]
+        if Z is not None and not attention and self.standardize:
+            self.z_mean_, self.z_scale_ = (a.astype(np.float32) for a in nan_standardization(Z))
+            Z = (Z - self.z_mean_) / self.z_scale_
+        else:
+            self.z_mean_ = self.z_scale_ = None
+
+        with torch_seeded(seed, device):
+            self.module_ = build_head(
+                self.head,
+                X.shape[-1],
+                n_outputs,
+                0 if attention else self.n_byproducts_,
+                hidden_size=self.hidden_size,
+                n_layers=self.n_layers,
+                grid_shape=self.grid_shape_ if attention else None,
+                n_heads=self.n_heads,
+                per_class_maps=attention and self.n_byproducts_ > 2,
+            ).to(device)
+
+        data = [
+            _tensor(X, device),
+            torch.as_tensor(labels.y, device=device),
+            None,
+            _tensor(sample_weight, device),
+        ]
+        if Z is not None:
+            data[2] = _tensor(Z, device)
+        validation = None
+        if self.early_stopping:
+            train_index, val_index = (torch.as_tensor(i, device=device) for i in self._split(labels, seed))
+            x_all, y_all, z_all, w_all = data
+            validation = ([x_all[val_index], y_all[val_index], w_all[val_index]], self._validation_score)
+            data = [None if t is None else t[train_index] for t in data]
+        solver = self._resolve_solver(X)
+        generator = torch.Generator().manual_seed(seed)
+        result = train_module(
+            self.module_,
+            self._objective,
+            data,
+            solver=solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            alpha=self.alpha,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            n_iter_no_change=self.n_iter_no_change,
+            validation=validation,
+            generator=generator,
+            verbose=self.verbose,
+        )
+        self.n_iter_ = result.n_iter
+        self.loss_curve_ = result.loss_curve
+        self.validation_scores_ = result.validation_scores
+        if not result.converged:
+            warnings.warn(
+                f"LUABClassifier ({solver}) did not converge in max_iter={self.max_iter} iterations; "
+                "increase max_iter or tol.",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
+        return self
+
+    def _objective(self, module, x, y, z, w):
+        return multitask_loss(
+            module(x),
+            y,
+            z,
+            task=self.task_,
+            byproduct_weight=float(self.byproduct_weight),
+            byproduct_target=self.byproduct_target_,
+            byproduct_loss=self.byproduct_loss,
+            grid_shape=getattr(self, "grid_shape_", None),
+            sigma=float(self.sigma),
+            sample_weight=w,
+        ).total
+
+    def _validation_score(self, module, x, y, w):
+        return -float(label_loss(module(x).logits, y, self.task_, sample_weight=w))
+
+    def _split(self, labels, seed):
+        """Sorted training and early-stopping validation indices (stratified when every class allows)."""
+        indices = np.arange(labels.y.shape[0])
+        stratify = None if labels.task == "multilabel" else labels.y
+        try:
+            train, val = train_test_split(
+                indices, test_size=self.validation_fraction, random_state=seed, stratify=stratify
+            )
+        except ValueError:  # a class too small to stratify
+            train, val = train_test_split(indices, test_size=self.validation_fraction, random_state=seed)
+        return np.sort(train), np.sort(val)
+
+    def _check_params(self):
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}.")
+        targets = ATTENTION_TARGETS if self.head == "attention" else POOLED_TARGETS
+        target = self.byproduct_target
+        if target == "auto":
+            target = targets[0]
+        if target not in targets:
+            raise ValueError(
+                f"byproduct_target={target!r} does not fit head={self.head!r}; "
+                f"use one of {('auto',) + targets}."
+            )
+        self.byproduct_target_ = target
+        if self.solver not in ("auto", "lbfgs", "adamw"):
+            raise ValueError(f"solver must be 'auto', 'lbfgs' or 'adamw', got {self.solver!r}.")
+        if self.impute_byproducts not in (None, "knn"):
+            raise ValueError(f"impute_byproducts must be None or 'knn', got {self.impute_byproducts!r}.")
+        if not isinstance(self.byproduct_weight, numbers.Real) or not self.byproduct_weight >= 0:
+            raise ValueError(
+                f"byproduct_weight must be a non-negative number, got {self.byproduct_weight!r}."
+            )
+        if not isinstance(self.alpha, numbers.Real) or not self.alpha >= 0:
+            raise ValueError(f"alpha must be a non-negative number, got {self.alpha!r}.")
+        for name in ("hidden_size", "n_layers", "n_heads", "max_iter", "batch_size", "n_iter_no_change"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.n_components is not None and (
+            not isinstance(self.n_components, numbers.Integral) or self.n_components < 1
+        ):
+            raise ValueError(f"n_components must be None or a positive integer, got {self.n_components!r}.")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}.")
+
+    def _check_x_rank(self, X):
+        if self.head == "attention" and X.ndim != 3:
+            raise ValueError(
+                f"head='attention' needs X of tokens with shape (n_samples, L, C), got shape {X.shape}."
+            )
+
+    def _fit_input_transform(self, X, seed):
+        """Learn and apply the input scaling (and, for tokens, the grid and PCA)."""
+        if self.head != "attention":
+            self.token_pca_ = None
+            if self.standardize:
+                self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in nan_standardization(X))
+            return self._transform_input(X)
+        n, n_tokens, width = X.shape
+        self.token_shape_ = (n_tokens, width)
+        self.grid_shape_ = _grid(self.grid_shape, n_tokens)
+        rows = X.reshape(-1, width)
+        self.token_pca_ = None
+        if self.n_components is not None and self.n_components < width:
+            rng = np.random.default_rng(seed)
+            sample = (
+                rows if rows.shape[0] <= _PCA_MAX_ROWS else rows[rng.choice(rows.shape[0], _PCA_MAX_ROWS)]
+            )
+            n_components = min(self.n_components, sample.shape[0])
+            self.token_pca_ = PCA(
+                n_components, whiten=self.standardize, svd_solver="randomized", random_state=seed
+            ).fit(sample)
+        elif self.standardize:
+            self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in nan_standardization(rows))
+        return self._transform_input(X)
+
+    def _transform_input(self, X):
+        if self.head == "attention" and self.token_pca_ is not None:
+            n, n_tokens, width = X.shape
+            return self.token_pca_.transform(X.reshape(-1, width)).astype(np.float32).reshape(n, n_tokens, -1)
+        if self.standardize:
+            return ((X - self.x_mean_) / self.x_scale_).astype(np.float32)
+        return X
+
+    def _check_points(self, Z, n_outputs):
+        width = Z.shape[1]
+        if width != 2 and not (n_outputs > 1 and width == 2 * n_outputs):
+            raise ValueError(
+                f"head='attention' needs Z of click points (n_samples, 2) or one point per class "
+                f"(n_samples, {2 * n_outputs}); got {width} columns."
+            )
+        observed = Z[~np.isnan(Z)]
+        if observed.size and (observed.min() < 0 or observed.max() > 1):
+            raise ValueError(
+                "head='attention' needs Z points (x, y) in [0, 1] image coordinates (NaN = missing)."
+            )
+
+    def _impute(self, X, Z):
+        from .knn import KNNByproductImputer  # a sibling estimator, imported only when asked for
+
+        pooled = X.mean(axis=1) if X.ndim == 3 else X
+        imputer = KNNByproductImputer(n_neighbors=self.n_impute_neighbors, random_state=self.random_state)
+        return imputer.fit(pooled, Z).transform(pooled, Z).astype(np.float32)
+
+    def _resolve_solver(self, X):
+        if self.solver != "auto":
+            return self.solver
+        return "lbfgs" if X.size <= _LBFGS_MAX_ELEMENTS else "adamw"
+
+    # -------------------------------------------------------------- predict
+    def _outputs(self, X):
+        """Validate X, transform it, and run the head in chunks; yields HeadOutput per chunk."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, allow_nd=self.head == "attention", dtype=np.float32)
+        self._check_x_rank(X)
+        if self.head == "attention" and X.shape[1:] != self.token_shape_:
+            raise ValueError(
+                f"X has tokens of shape {X.shape[1:]}, but LUABClassifier was fitted on {self.token_shape_}."
+            )
+        X = self._transform_input(X)
+        device = resolve_device(self.device)
+        module = self.module_.to(device).eval()
+        with torch.inference_mode():
+            for start in range(0, X.shape[0], _PREDICT_CHUNK):
+                yield module(_tensor(X[start : start + _PREDICT_CHUNK], device))
+
+    def _label_scores(self, X):
+        return np.concatenate([out.logits.float().cpu().numpy() for out in self._outputs(X)])
+
+    def predict_byproducts(self, X):
+        """Predict the byproducts from X alone, in Z's units.
+
+        Parameters
+        ----------
+        X : array-like
+            Samples, as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_byproducts)
+            Pooled heads: the byproduct head's regression. Attention head: the soft-argmax (x, y) of every
+            attention map, in [0, 1].
+        """
+        check_is_fitted(self)
+        if self.head != "attention" and self.n_byproducts_ == 0:
+            raise ValueError(
+                "this LUABClassifier was fitted without byproducts (Z=None, all missing, or "
+                "byproduct_weight=0), so it has no byproduct head."
+            )
+        Z = np.concatenate([out.byproducts.float().cpu().numpy() for out in self._outputs(X)])
+        if self.z_scale_ is not None:
+            Z = Z * self.z_scale_ + self.z_mean_
+        return Z
+
+    def attention_maps(self, X):
+        """Attention maps of the attention head.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, L, C)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, grid_h, grid_w), or (n_samples, n_classes, grid_h, grid_w) with
+        per-class maps. Every map sums to 1.
+        """
+        check_is_fitted(self)
+        if self.head != "attention":
+            raise ValueError(f"attention_maps needs head='attention'; this model has head={self.head!r}.")
+        maps = np.concatenate([out.attention.float().cpu().numpy() for out in self._outputs(X)])
+        maps = maps.reshape(maps.shape[0], maps.shape[1], *self.grid_shape_)
+        return maps[:, 0] if maps.shape[1] == 1 else maps
+
+    # ---------------------------------------------------------------- state
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "module_" in state:  # pickles load on machines without the training device
+            state["module_"] = copy.deepcopy(state["module_"]).cpu()
+        return state
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.three_d_array = self.head == "attention"
+        return tags
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(array), device=device)
+
+
+def _grid(grid_shape, n_tokens: int) -> tuple[int, int]:
+    if grid_shape is None:
+        side = math.isqrt(n_tokens)
+        if side * side != n_tokens:
+            raise ValueError(f"cannot infer a square grid from {n_tokens} tokens; pass grid_shape=(h, w).")
+        return side, side
+    grid = tuple(int(s) for s in grid_shape)
+    if len(grid) != 2 or grid[0] * grid[1] != n_tokens:
+        raise ValueError(f"grid_shape={grid_shape!r} does not match the {n_tokens} tokens of X.")
+    return grid

@@ -1,0 +1,230 @@
+"""Tests for LUABClassifier on pooled features (scikit-learn compliance, byproducts, errors)."""
+
+import pickle
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import sklearn
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.model_selection import GridSearchCV, cross_validate
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from luab_sk.datasets.synthetic import make_embedding_classification
+from luab_sk.estimators.classifier import LUABClassifier
+
+FAST = {"hidden_size": 8, "max_iter": 30, "random_state": 0}
+
+
+def _expected_failed_checks(estimator):
+    return {
+        "check_sample_weight_equivalence_on_dense_data": (
+            "weights and repeated rows give the same objective, but full-batch float32 L-BFGS on a "
+            "non-convex trunk does not reach the same optimum to rtol=1e-7"
+        ),
+    }
+
+
+@parametrize_with_checks([LUABClassifier(**FAST)], expected_failed_checks=_expected_failed_checks)
+def test_sklearn_compatible(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
+        check(estimator)
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The demo setting: byproducts know the label subspace that X reveals weakly."""
+    X, y, Z = make_embedding_classification(2500, 128, n_classes=10, signal_strength=0.2, random_state=0)
+    return X[:500], y[:500], Z[:500], X[500:], y[500:]
+
+
+def _fit(X, y, Z=None, **params):
+    kwargs = {"head": "linear", "hidden_size": 8, "max_iter": 150, "random_state": 0} | params
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
+        return LUABClassifier(**kwargs).fit(X, y, Z=Z)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_byproduct_weight_changes_predictions(data, head):
+    X, y, Z, X_test, _ = data
+    plain = _fit(X, y, Z, head=head, byproduct_weight=0.0)
+    luab = _fit(X, y, Z, head=head, byproduct_weight=1.0)
+    assert (plain.predict(X_test) != luab.predict(X_test)).mean() > 0.05
+    np.testing.assert_array_equal(plain.predict(X_test), _fit(X, y, None, head=head).predict(X_test))
+
+
+def test_real_byproducts_beat_shuffled_ones(data):
+    X, y, Z, X_test, y_test = data
+    shuffled = Z[np.random.default_rng(0).permutation(len(Z))]
+    acc = {
+        name: _fit(X, y, z, byproduct_weight=w).score(X_test, y_test)
+        for name, w, z in [("plain", 0.0, None), ("luab", 1.0, Z), ("shuffled", 1.0, shuffled)]
+    }
+    assert acc["luab"] > acc["plain"] + 0.02
+    assert acc["luab"] > acc["shuffled"] + 0.05
+
+
+def test_predict_byproducts_in_z_units(data):
+    X, y, Z, _, _ = data
+    Z_scaled = Z * 10.0 + 3.0
+    clf = _fit(X, y, Z_scaled, byproduct_weight=1.0)
+    pred = clf.predict_byproducts(X)
+    observed = ~np.isnan(Z_scaled)
+    assert pred.shape == Z.shape and np.isfinite(pred).all()
+    residual = ((pred - Z_scaled)[observed] ** 2).mean()
+    assert residual < 0.7 * np.nanvar(Z_scaled)  # explains Z far better than its mean, in Z's units
+    with pytest.raises(ValueError, match="fitted without byproducts"):
+        _fit(X, y).predict_byproducts(X)
+
+
+def test_missing_elements_are_masked(data):
+    X, y, Z, X_test, _ = data
+    partial = Z.copy()
+    partial[:200, 0] = np.nan  # element-wise missing: these rows still train the other columns
+    clf = _fit(X, y, partial)
+    assert np.isfinite(clf.decision_function(X_test)).all() and np.isfinite(clf.loss_curve_).all()
+    assert (clf.decision_function(X_test) != _fit(X, y, Z).decision_function(X_test)).any()
+    # Missing rows contribute no byproduct loss: masking all but one row is not the same as no Z at all.
+    one_row = np.full_like(Z, np.nan)
+    one_row[1] = Z[1]
+    assert (_fit(X, y, one_row).decision_function(X_test) != _fit(X, y).decision_function(X_test)).any()
+
+
+def test_all_missing_z_warns_and_trains_without(data):
+    X, y, Z, X_test, _ = data
+    with pytest.warns(UserWarning, match="entirely missing"):
+        clf = _fit(X, y, np.full_like(Z, np.nan), byproduct_weight=1.0)
+    np.testing.assert_array_equal(clf.predict(X_test), _fit(X, y).predict(X_test))
+    assert clf.n_byproducts_ == 0
+
+
+def test_same_random_state_same_predictions(data):
+    X, y, Z, X_test, _ = data
+    a = _fit(X, y, Z, head="mlp", random_state=3).predict_proba(X_test)
+    b = _fit(X, y, Z, head="mlp", random_state=3).predict_proba(X_test)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_string_binary_and_multilabel_targets(data):
+    X, y, Z, X_test, _ = data
+    names = np.array(["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay"])
+    clf = _fit(X, names[y], Z)
+    assert set(clf.predict(X_test)) <= set(names) and clf.classes_.tolist() == sorted(names)
+
+    binary = _fit(X, np.where(y < 5, "low", "high"), Z)
+    assert binary.decision_function(X_test).shape == (len(X_test),)
+    proba = binary.predict_proba(X_test)
+    assert proba.shape == (len(X_test), 2)
+    np.testing.assert_array_equal(binary.classes_[proba.argmax(1)], binary.predict(X_test))
+
+    Y = np.stack([y < 5, y % 2 == 0, y == 3], axis=1).astype(int)
+    multi = _fit(X, Y, Z)
+    pred = multi.predict(X_test)
+    assert pred.shape == (len(X_test), 3) and set(np.unique(pred)) <= {0, 1}
+    assert multi.predict_proba(X_test).shape == (len(X_test), 3) and multi.task_ == "multilabel"
+    assert multi.score(X[:100], Y[:100]) > 0.5
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "adamw"])
+def test_solvers_and_early_stopping(data, solver):
+    X, y, Z, X_test, y_test = data
+    clf = _fit(X, y, Z, solver=solver, early_stopping=True, max_iter=40, n_iter_no_change=3, batch_size=64)
+    assert 1 <= clf.n_iter_ <= 40 and len(clf.validation_scores_) == clf.n_iter_
+    assert len(clf.loss_curve_) == clf.n_iter_
+    assert clf.score(X_test, y_test) > 0.3  # chance is 0.1
+
+
+def test_lbfgs_reports_non_convergence(data):
+    X, y, Z, _, _ = data
+    with pytest.warns(sklearn.exceptions.ConvergenceWarning, match="did not converge in max_iter=2"):
+        LUABClassifier(head="linear", max_iter=2, random_state=0).fit(X, y, Z=Z)
+
+
+def test_knn_imputation_fills_missing_rows(data):
+    X, y, Z, X_test, _ = data
+    clf = _fit(X, y, Z, impute_byproducts="knn", n_impute_neighbors=3)
+    assert (clf.predict(X_test) != _fit(X, y, Z).predict(X_test)).any()
+
+
+def test_grid_search_routing_off_and_on(data):
+    X, y, Z, _, _ = data
+    X, y, Z = X[:200], y[:200], Z[:200]
+    grid = {"byproduct_weight": [0.0, 1.0]}
+    est = LUABClassifier(head="linear", hidden_size=8, max_iter=30, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
+        off = GridSearchCV(est, grid, cv=3).fit(X, y, Z=Z)
+        with sklearn.config_context(enable_metadata_routing=True):
+            on = GridSearchCV(est, grid, cv=3).fit(X, y, Z=Z)
+            pipe = make_pipeline(StandardScaler(), clone(est))
+            routed = cross_validate(pipe, X, y, params={"Z": Z}, cv=3)
+        step = make_pipeline(StandardScaler(), clone(est)).fit(X, y, luabclassifier__Z=Z)
+    np.testing.assert_allclose(off.cv_results_["mean_test_score"], on.cv_results_["mean_test_score"])
+    assert routed["test_score"].shape == (3,)
+    assert step[-1].n_byproducts_ == Z.shape[1]
+
+
+def test_clone_pickle_joblib_round_trip(data, tmp_path):
+    X, y, Z, X_test, _ = data
+    clf = _fit(X, y, Z, head="mlp")
+    assert clone(clf).get_params() == clf.get_params() and not hasattr(clone(clf), "module_")
+    expected = clf.predict_proba(X_test)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(clf)).predict_proba(X_test), expected)
+    joblib.dump(clf, tmp_path / "clf.joblib")
+    restored = joblib.load(tmp_path / "clf.joblib")
+    np.testing.assert_array_equal(restored.predict_proba(X_test), expected)
+    assert all(p.device.type == "cpu" for p in pickle.loads(pickle.dumps(clf)).module_.parameters())
+
+
+@pytest.mark.parametrize(
+    ("Z", "error", "match"),
+    [
+        (lambda Z: Z[:-1], ValueError, "Z has 499 rows but X has 500 samples"),
+        (lambda Z: Z.T, ValueError, "Z has 8 rows but X has 500 samples"),
+        (lambda Z: {"points": Z}, TypeError, "got a dict; scikit-learn .* only splits"),
+        (lambda Z: Z[:, 0], ValueError, r"Z must be 2-D .* use Z.reshape\(-1, 1\)"),
+        (lambda Z: np.where(np.isnan(Z), np.inf, Z), ValueError, "Z contains infinity"),
+        (lambda Z: np.full(Z.shape, "a"), ValueError, "Z must hold numbers"),
+    ],
+)
+def test_bad_z_is_rejected(data, Z, error, match):
+    X, y, Z0, _, _ = data
+    with pytest.raises(error, match=match):
+        LUABClassifier().fit(X, y, Z=Z(Z0))
+
+
+def test_bad_x_y_and_params_are_rejected(data):
+    X, y, Z, _, _ = data
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        LUABClassifier().fit(bad, y)
+    bad[0, 0] = np.inf
+    with pytest.raises(ValueError, match="Input X contains infinity"):
+        LUABClassifier().fit(bad, y)
+    with pytest.raises(ValueError, match="y has only one class"):
+        LUABClassifier().fit(X, np.zeros(len(X)))
+    with pytest.raises(NotFittedError):
+        LUABClassifier().predict(X)
+    clf = _fit(X, y, max_iter=5)
+    with pytest.raises(ValueError, match="X has 127 features"):
+        clf.predict(X[:, :-1])
+    for params, match in [
+        ({"head": "conv"}, "head must be one of"),
+        ({"byproduct_target": "heatmap"}, "byproduct_target='heatmap' does not fit head='mlp'"),
+        ({"solver": "sgd"}, "solver must be"),
+        ({"byproduct_weight": -1.0}, "byproduct_weight must be a non-negative number"),
+        ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+        ({"impute_byproducts": "mean"}, "impute_byproducts must be None or 'knn'"),
+        ({"validation_fraction": 1.0}, "validation_fraction must be in"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            LUABClassifier(**params).fit(X, y, Z=Z)
+    with pytest.raises(ValueError, match="attention_maps needs head='attention'"):
+        clf.attention_maps(X)
