@@ -219,7 +219,11 @@ class EmbeddingCache:
         result = {}
         for kind in self.outputs:
             maps = {
-                s: np.load(self.path / "shards" / self._shard_meta[s]["files"][kind]["name"], mmap_mode="r")
+                s: np.load(
+                    self.path / "shards" / self._shard_meta[s]["files"][kind]["name"],
+                    mmap_mode="r",
+                    allow_pickle=False,
+                )
                 for s in shards
             }
             if len(shards) == 1 and loc:

@@ -434,26 +434,34 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             todo = sorted(first_pos.values())
             pending: dict[str, list] = {"pos": [], **{k: [] for k in outputs}}
 
-            def flush():
-                if pending["pos"]:
-                    arrays = {k: np.concatenate(pending[k]) for k in outputs}
-                    cache.write_shard([ids[p] for p in pending["pos"]], arrays)
-                    for key in pending:
-                        pending[key] = []
+            def flush(final):
+                """Commit full shards of ``shard_size`` rows (and, at the end, the remainder)."""
+                if not pending["pos"]:
+                    return
+                pos = pending["pos"]
+                arrays = {k: np.concatenate(pending[k]) for k in outputs}
+                size = self.shard_size
+                stop = len(pos) if final else len(pos) - len(pos) % size
+                for start in range(0, stop, size):
+                    chunk = slice(start, min(start + size, stop))
+                    cache.write_shard([ids[p] for p in pos[chunk]], {k: a[chunk] for k, a in arrays.items()})
+                pending["pos"] = pos[stop:]
+                for k in outputs:
+                    pending[k] = [arrays[k][stop:]]
 
             def sink(pos, arrays):
                 pending["pos"].extend(pos)
                 for k, a in arrays.items():
                     pending[k].append(a)
                 if len(pending["pos"]) >= self.shard_size:
-                    flush()
+                    flush(final=False)
 
             self.n_encoded_ = (
                 self._encode(backbone, items, todo, device, precision, projection, sink, failed)
                 if todo
                 else 0
             )
-            flush()
+            flush(final=True)
             self.n_cached_ = sum(ident is not None and ident in found for ident in ids)
             final = cache.lookup(ids)
             for i, ident in enumerate(ids):  # duplicates of an image that failed to decode
