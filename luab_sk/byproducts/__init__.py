@@ -24,7 +24,6 @@ from ._records import (
     imagenet_key,
 )
 from .coco_ab import iter_coco_ab, read_coco_ab
-from .encoder import ByproductEncoder, icon_positions
 from .geometry import (
     center_crop_box,
     crop_points,
@@ -37,6 +36,24 @@ from .geometry import (
     uncrop_points,
 )
 from .imagenet_ab import list_imagenet_ab_files, parse_imagenet_ab_xml, read_imagenet_ab
+
+# The encoder needs scikit-learn, whose import takes seconds; it is loaded on first use so that the readers
+# (and the joblib worker processes that import this package to parse XML) start fast.
+_LAZY = {"ByproductEncoder": "encoder", "icon_positions": "encoder"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "ByproductEncoder",

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -101,6 +102,11 @@ def _point(value):
     return (_float(value["x"]), _float(value["y"]))
 
 
+def _name(value):
+    """Intern repeated names (action and class names): one string object each, not one per record."""
+    return sys.intern(value) if isinstance(value, str) else value
+
+
 def _size(obj, width, height):
     return (_float(obj.get(width)), _float(obj.get(height)))
 
@@ -124,14 +130,14 @@ def _record(obj, traces):
         extra={k: v for k, v in obj.items() if k not in _KNOWN},
     )
     if actions:
-        rec.action_types = tuple(a["actionType"] for a in actions)
-        rec.icon_types = tuple(a.get("iconType") for a in actions)
+        rec.action_types = tuple(_name(a["actionType"]) for a in actions)
+        rec.icon_types = tuple(_name(a.get("iconType")) for a in actions)
         rec.points_from = np.array([_point(a.get("pointFrom")) for a in actions], dtype=np.float64)
         rec.points_to = np.array([_point(a.get("pointTo")) for a in actions], dtype=np.float64)
         rec.action_times = np.array([_float(a.get("timeAt")) for a in actions], dtype=np.float64)
     if categories:
         rec.category_indices = np.array([_float(c.get("categoryIndex")) for c in categories])
-        rec.category_names = tuple(c.get("categoryName") for c in categories)
+        rec.category_names = tuple(_name(c.get("categoryName")) for c in categories)
         rec.category_times = np.array([_float(c.get("timeAt")) for c in categories])
         rec.category_using_keyboard = np.array([bool(c.get("usingKeyboard")) for c in categories])
     tracking = obj.get("mouseTracking") or ()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from datetime import datetime, timezone
 from xml.etree.ElementTree import ParseError as _XMLSyntaxError
 
@@ -121,7 +122,7 @@ def _parse_task(block, traces):
                 action = None
                 for child in el:
                     if child.tag == "action":
-                        action = (child.text or "").strip()
+                        action = sys.intern((child.text or "").strip())
                     elif child.tag == "time":
                         hover_actions.append(action)
                         hover_times.append(_time_ms(child.text, "hoveredRecord/time"))
