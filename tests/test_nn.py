@@ -207,3 +207,18 @@ def test_multitask_loss_attention_targets_train_the_map(target):
     )
     parts.byproduct.backward()
     assert head.queries.grad.abs().sum() > 0 and head.proj.weight.grad.abs().sum() > 0
+
+
+def test_attention_glimpse_narrows_pooling_but_not_maps():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4)
+    soft = AttentionHead(4, 2, (3, 3), hidden_size=4)
+    narrow = AttentionHead(4, 2, (3, 3), hidden_size=4, glimpse=1e-3)
+    narrow.load_state_dict(soft.state_dict())
+    out_soft, out_narrow = soft(x), narrow(x)
+    torch.testing.assert_close(out_soft.attention, out_narrow.attention)
+    # A tiny window pools the peak token alone.
+    peak = soft.proj(x)[torch.arange(2), out_soft.attention[:, 0].argmax(-1)]
+    torch.testing.assert_close(out_narrow.logits, soft.label_head(peak))
+    with pytest.raises(ValueError, match="glimpse must be None or a positive width"):
+        AttentionHead(4, 2, (3, 3), glimpse=-1.0)

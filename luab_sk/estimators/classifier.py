@@ -77,6 +77,11 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         ``(grid_h, grid_w)`` of the token grid (attention); None infers a square grid from L.
     n_heads : int, default=1
         Learned queries of the attention head (their maps are averaged into the byproduct map).
+    glimpse : float, optional
+        Attention head: pool through a Gaussian window of this width (fraction of the image side)
+        around each map's peak token, in training and prediction (see
+        :class:`~luab_sk.nn.AttentionHead`). It keeps background shortcuts out of the pooled vector
+        once the clicks have taught the map where the object is.
     n_components : int or None, default=64
         Attention head: reduce the token width once with a PCA (whitened when ``standardize``) fitted on
         the training tokens, keeping fits fast; None keeps the full width.
@@ -163,6 +168,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         sigma=0.1,
         grid_shape=None,
         n_heads=1,
+        glimpse=None,
         n_components=64,
         alpha=1e-4,
         solver="auto",
@@ -189,6 +195,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.sigma = sigma
         self.grid_shape = grid_shape
         self.n_heads = n_heads
+        self.glimpse = glimpse
         self.n_components = n_components
         self.alpha = alpha
         self.solver = solver
@@ -264,6 +271,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 grid_shape=self.grid_shape_ if attention else None,
                 n_heads=self.n_heads,
                 per_class_maps=attention and self.n_byproducts_ > 2,
+                glimpse=self.glimpse,
             ).to(device)
 
         data = [

@@ -127,6 +127,11 @@ class AttentionHead(nn.Module):
     per_class_maps : bool, default=False
         One query per output (COCO-AB style): class k's score reads its own pooled vector, and map k is
         supervised by class k's click.
+    glimpse : float, optional
+        Pool through a glimpse: multiply each query's attention by a Gaussian window of this width (a
+        fraction of the image side) centred on its peak token, and renormalise, in training and
+        prediction alike. Soft attention alone keeps some weight on the background, which matters
+        when background tokens carry a shortcut; the returned maps are the unnarrowed attention.
 
     Examples
     --------
@@ -148,11 +153,15 @@ class AttentionHead(nn.Module):
         hidden_size: int = 64,
         n_heads: int = 1,
         per_class_maps: bool = False,
+        glimpse: float | None = None,
     ) -> None:
         super().__init__()
         _check_positive(
             in_features=in_features, n_outputs=n_outputs, hidden_size=hidden_size, n_heads=n_heads
         )
+        if glimpse is not None and not glimpse > 0:
+            raise ValueError(f"glimpse must be None or a positive width, got {glimpse!r}.")
+        self.glimpse = None if glimpse is None else float(glimpse)
         grid_h, grid_w = (int(s) for s in grid_shape)
         _check_positive(grid_h=grid_h, grid_w=grid_w)
         self.grid_shape = (grid_h, grid_w)
@@ -176,7 +185,7 @@ class AttentionHead(nn.Module):
         h = self.proj(x)  # (B, L, D)
         scores = torch.einsum("bld,qd->bql", h, self.queries) / math.sqrt(h.shape[-1])
         attn = scores.softmax(dim=-1)  # (B, Q, L)
-        pooled = attn @ h  # (B, Q, D)
+        pooled = self._glimpse(attn) @ h  # (B, Q, D)
         if self.per_class_maps:
             logits = (pooled * self.class_weight).sum(-1) + self.class_bias
             maps = attn
@@ -185,6 +194,15 @@ class AttentionHead(nn.Module):
             maps = attn.mean(dim=1, keepdim=True)
         points = (maps @ self.centers).flatten(1)  # soft-argmax, (B, 2 * n_maps) as x0, y0, x1, y1, ...
         return HeadOutput(logits, points, maps)
+
+    def _glimpse(self, attn: Tensor) -> Tensor:
+        """Pooling weights: the attention, narrowed to a Gaussian window around its peak token."""
+        if self.glimpse is None:
+            return attn
+        peak = self.centers[attn.argmax(dim=-1)]  # (B, Q, 2)
+        d2 = ((self.centers - peak.unsqueeze(2)) ** 2).sum(-1)  # (B, Q, L)
+        weights = attn * torch.exp(-d2 / (2.0 * self.glimpse**2))
+        return weights / weights.sum(dim=-1, keepdim=True)
 
 
 def token_centers(grid_shape: tuple[int, int]) -> Tensor:
@@ -224,6 +242,7 @@ def build_head(
     grid_shape: tuple[int, int] | None = None,
     n_heads: int = 1,
     per_class_maps: bool = False,
+    glimpse: float | None = None,
 ) -> nn.Module:
     """Build a multitask head by name.
 
@@ -239,7 +258,7 @@ def build_head(
         Number of label scores.
     n_byproducts : int, default=0
         Byproduct columns of a pooled head.
-    hidden_size, n_layers, grid_shape, n_heads, per_class_maps
+    hidden_size, n_layers, grid_shape, n_heads, per_class_maps, glimpse
         Passed to the head class.
 
     Returns
@@ -267,6 +286,7 @@ def build_head(
             hidden_size=hidden_size,
             n_heads=n_heads,
             per_class_maps=per_class_maps,
+            glimpse=glimpse,
         )
     raise ValueError(f"kind must be one of 'linear', 'mlp', 'attention'; got {kind!r}.")
 
