@@ -18,7 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm import tqdm  # not tqdm.auto: its asyncio class opens an extra DataLoader iterator
 
 from .._utils import resolve_device
 from ..features.backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, load_backbone
@@ -692,7 +692,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
     # ---------------------------------------------------------------- state
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: Python 3.11 hands out the live __dict__
         if "model_" in state:  # store weights only: small, and loadable on machines without the device
             model = state.pop("model_")
             state["_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
