@@ -172,3 +172,21 @@ def test_prepare_rows_copies_and_normalises():
     np.testing.assert_allclose(rows, [[0.6, 0.8], [0.0, 0.0]])
     np.testing.assert_array_equal(X, [[3.0, 4.0], [0.0, 0.0]])
     np.testing.assert_array_equal(_faiss.prepare_rows(X, "l2"), X.astype(np.float32))
+
+
+def test_batches_use_faiss_blas_path_and_restore_the_threshold(data, monkeypatch):
+    X, y, Xq = data
+    clf = FaissKNNClassifier(device="cpu").fit(X, y)
+    seen = []
+    real = _faiss.NeighborIndex._raw_search
+
+    def spy(self, queries, k):
+        seen.append(faiss.cvar.distance_compute_blas_threshold)
+        return real(self, queries, k)
+
+    monkeypatch.setattr(_faiss.NeighborIndex, "_raw_search", spy)
+    before = faiss.cvar.distance_compute_blas_threshold
+    clf.kneighbors(Xq)  # 40 queries: BLAS
+    clf.kneighbors(Xq[:1])  # 1 query: faiss's own choice
+    assert seen == [0, before]
+    assert faiss.cvar.distance_compute_blas_threshold == before
