@@ -146,6 +146,12 @@ class ImageNetABTask:
         Epoch ms of the submission (ISO strings are converted).
     extra : dict
         Any other child element, tag to text.
+
+    Examples
+    --------
+    >>> task = ImageNetABTask(selected=True, point=(0.3, 0.6), estimate_time=850.0)
+    >>> task.selected, task.trace.shape
+    (True, (0, 3))
     """
 
     selected: bool = False
@@ -189,6 +195,13 @@ class ImageNetABRecord:
         not byproducts; they are kept because they are handy for evaluation.
     ilsvrc_names : tuple of str
         The ``<name>`` of each box.
+
+    Examples
+    --------
+    >>> tasks = (ImageNetABTask(selected=True, point=(0.2, 0.4)), ImageNetABTask(selected=False),
+    ...          ImageNetABTask(selected=True, point=(0.4, 0.6)))
+    >>> ImageNetABRecord("n01440764/n01440764_18", "n01440764_18.xml", tasks).point.round(3).tolist()
+    [0.3, 0.5]
     """
 
     key: str
@@ -244,6 +257,13 @@ class COCOABRecord:
         Mouse trace, columns ``[time_ms, x, y]``.
     extra : dict
         Any other top-level field, as decoded from JSON.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rec = COCOABRecord(42, action_types=("add",), icon_types=("dog",), points_to=np.array([[0.5, 0.4]]))
+    >>> rec.key, rec.icon_types
+    (42, ('dog',))
     """
 
     image_id: int
@@ -325,6 +345,7 @@ class ByproductRecords(Sequence):
 
     @property
     def keys(self):
+        """list: the key of every record, in order."""
         return [rec.key for rec in self._records]
 
     def normalize_key(self, key):

@@ -215,7 +215,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         self.trace_length = trace_length
         self.timing_scale = timing_scale
 
-    def _validate_params(self, fmt):
+    def _check_params(self, fmt):
         kinds = (self.kind,) if isinstance(self.kind, str) else tuple(self.kind)
         if not kinds or any(k not in _KINDS for k in kinds) or len(set(kinds)) != len(kinds):
             raise ValueError(f"kind must be one or more distinct values of {_KINDS}; got {self.kind!r}.")
@@ -252,7 +252,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         items, fmt = _as_record_list(X, "X")
         if fmt is None:
             raise ValueError("X holds no record (only None): cannot learn what to encode.")
-        self.kinds_ = self._validate_params(fmt)
+        self.kinds_ = self._check_params(fmt)
         self.format_ = fmt
         if self.classes is not None:
             classes = [str(c) for c in self.classes]

@@ -236,6 +236,16 @@ def list_imagenet_ab_files(directory):
     Returns
     -------
     list of str
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> (root / "n1").mkdir()
+    >>> for name in ("n1_2.xml", "n1_1.xml", "._n1_1.xml", "notes.txt"):
+    ...     _ = (root / "n1" / name).write_text("<annotation/>")
+    >>> [pathlib.Path(p).name for p in list_imagenet_ab_files(root)]
+    ['n1_1.xml', 'n1_2.xml']
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
