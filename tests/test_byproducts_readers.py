@@ -159,6 +159,17 @@ def test_parallel_read_matches_serial(imagenet_folder):
         assert [len(t.trace) for t in a.tasks] == [len(t.trace) for t in b.tasks]
 
 
+def test_duplicate_keys_in_a_path_list(imagenet_folder, tmp_path):
+    _, truth = imagenet_folder
+    good = [p for p in truth.paths if p not in truth.malformed]
+    copy = tmp_path / os.path.basename(good[0])
+    copy.write_bytes(open(good[0], "rb").read())
+    records = read_imagenet_ab([good[0], good[0], str(copy), good[1]], on_error="skip")
+    assert [r.path for r in records] == [good[0], good[1]]
+    assert records.errors[0].path == str(copy) and "duplicate key" in records.errors[0].reason
+    assert len(read_imagenet_ab(good[:2], [good[1], good[1]])) == 1
+
+
 def test_unreadable_listed_file_is_reported(tmp_path):
     missing = str(tmp_path / "n1" / "n1_5.xml")
     records = read_imagenet_ab([missing], on_error="skip")

@@ -270,6 +270,19 @@ def _parse_chunk(paths, traces):
     return records, errors
 
 
+def _unique_by_key(paths):
+    """Drop repeated paths; a second file for the same image key is an error (the first one is kept)."""
+    first, unique, errors = {}, [], []
+    for path in paths:
+        key = imagenet_key(path)
+        if key not in first:
+            first[key] = path
+            unique.append(path)
+        elif first[key] != path:
+            errors.append(ParseError(path, f"duplicate key {key!r}: {first[key]!r} is read instead"))
+    return unique, errors
+
+
 def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs=None, chunk_size=2000):
     """Read ImageNet-AB XML files into per-image records.
 
@@ -326,13 +339,14 @@ def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs
         if keys is not None:
             by_key = {imagenet_key(p): p for p in paths}
             paths = [by_key[k] for k in (imagenet_key(k) for k in keys) if k in by_key]
+    paths, errors = _unique_by_key(paths)
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
     if n_jobs in (None, 1) or len(chunks) <= 1:
         results = [_parse_chunk(chunk, traces) for chunk in chunks]
     else:
         results = Parallel(n_jobs=n_jobs)(delayed(_parse_chunk)(chunk, traces) for chunk in chunks)
     records = [rec for recs, _ in results for rec in recs]
-    errors = [err for _, errs in results for err in errs]
+    errors += [err for _, errs in results for err in errs]
     if errors and on_error == "raise":
         raise ByproductFormatError(*errors[0])
     return ByproductRecords(records, fmt="imagenet_ab", errors=errors)
