@@ -128,6 +128,13 @@ def test_trace_without_usable_times_and_with_a_missing_end():
     np.testing.assert_allclose(z.reshape(5, 2), [[0, 0], [0.5, 0.5], [1, 1], [1, 0.5], [1, 0]])
 
 
+def test_trace_samples_are_ordered_by_time():
+    trace = np.array([[30.0, 1.0, 1.0], [10.0, 0.0, 0.0], [20.0, 0.5, 0.5]])
+    rec = COCOABRecord(1, trace=trace)
+    z = ByproductEncoder("trace", trace_length=3, classes=["dog"]).fit_transform([rec])
+    np.testing.assert_allclose(z.reshape(3, 2), [[0, 0], [0.5, 0.5], [1, 1]])
+
+
 def test_timing_raw_and_robust(imagenet):
     records, truth = imagenet
     tasks = (

@@ -99,7 +99,7 @@ def _resample_trace(trace, length):
     if len(trace) == 0:
         return np.full((length, 2), np.nan)
     times = trace[:, 0]
-    if len(trace) == 1 or np.isnan(times).any() or times[-1] <= times[0]:
+    if len(trace) == 1 or np.isnan(times).any() or np.ptp(times) <= 0:
         times = np.arange(len(trace), dtype=float)  # no usable clock: space the samples evenly
     order = np.argsort(times, kind="stable")
     times, xy = times[order], trace[order, 1:]
