@@ -87,6 +87,31 @@ def test_pixel_round_trip(points, size):
     np.testing.assert_allclose(back, points, atol=1e-12)
 
 
+@settings(max_examples=30)
+@given(st.lists(image_and_box(), min_size=1, max_size=6), st.integers(1, 3), st.integers(0, 2**16))
+def test_batched_boxes_match_row_by_row(image_boxes, k, seed):
+    sizes_, boxes = (np.array(v, dtype=float) for v in zip(*image_boxes))
+    points = np.random.default_rng(seed).uniform(0, 1, size=(len(boxes), 2 * k))
+    batched = crop_points(points, boxes, sizes_)
+    rows = np.array([crop_points(p, b, s) for p, b, s in zip(points, boxes, sizes_)])
+    np.testing.assert_allclose(batched, rows, equal_nan=True)
+    mask = ~np.isnan(batched)
+    np.testing.assert_allclose(uncrop_points(batched, boxes, sizes_)[mask], points[mask], atol=1e-9)
+
+
+def test_one_point_set_through_many_views():
+    point = np.array([0.5, 0.5, 0.05, 0.05])  # two classes
+    views = np.array([[0, 0, 100, 100], [40, 40, 20, 20], [0, 0, 10, 10]])
+    out = crop_points(point, views, (100, 100))
+    assert out.shape == (3, 4)
+    np.testing.assert_allclose(out[0], point)
+    np.testing.assert_allclose(out[1], [0.5, 0.5, np.nan, np.nan])
+    np.testing.assert_allclose(out[2], [np.nan, np.nan, 0.5, 0.5])
+    tensor_out = crop_points(torch.tensor(point, dtype=torch.float64), views, (100, 100))
+    np.testing.assert_allclose(tensor_out.numpy(), out, equal_nan=True)
+    np.testing.assert_allclose(normalized_to_pixel(point[:2], [[10, 20], [30, 40]]), [[5, 10], [15, 20]])
+
+
 def test_missing_stays_missing():
     points = np.array([[np.nan, np.nan, 0.5, 0.5]])
     for out in (hflip_points(points), crop_points(points, (0, 0, 10, 10), (10, 10))):
@@ -205,6 +230,9 @@ def test_heatmap_missing_rows_batches_and_torch():
         (lambda: crop_points(np.zeros((1, 2)), (0, 0, 0, 1), (5, 5)), "box must have"),
         (lambda: crop_points(np.zeros((1, 2)), (0, 0, 1), (5, 5)), "box must be"),
         (lambda: sample_resized_crop_box((5, 5), scale=(0.5, 0.1)), "scale must be"),
+        (lambda: sample_resized_crop_box([[5, 5], [6, 6]]), "image_size must be"),
+        (lambda: crop_points(np.zeros((1, 2)), [(0, 0, 1, 1), (0, 0, -1, 1)], (5, 5)), "box must have"),
+        (lambda: crop_points(np.zeros((1, 2)), "abcd", (5, 5)), "box must be"),
         (lambda: sample_resized_crop_box((5, 5), ratio=(0, 1)), "ratio must be"),
         (lambda: sample_resized_crop_box((5, 5), random_state="x"), "random_state must be"),
         (lambda: center_crop_box((5, 5), crop_fraction=1.5), "crop_fraction must"),

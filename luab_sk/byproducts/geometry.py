@@ -11,6 +11,10 @@ Conventions
   dtype). Inputs are never modified in place.
 * A crop box is ``(left, top, width, height)`` in pixels of the image it is cut from, an image of size
   ``(W, H)`` (PIL's ``(width, height)`` order).
+* Boxes and image sizes may also be arrays of shape ``(..., 4)`` and ``(..., 2)``, one per row: they
+  broadcast against the leading axes of the points. ``crop_points(Z, boxes, sizes)`` with ``Z`` of shape
+  ``(n, 2K)``, ``boxes`` ``(n, 4)`` and ``sizes`` ``(n, 2)`` maps a batch in one call; one point set
+  ``(2K,)`` through ``boxes`` of shape ``(V, 4)`` gives its ``(V, 2K)`` coordinates in V views.
 
 Resizing an image does not move a point in normalised coordinates, so there is no resize function for them;
 :func:`pixel_to_normalized` and :func:`normalized_to_pixel` convert to and from pixel coordinates when needed.
@@ -63,36 +67,48 @@ def _as_pairs(points, name="points"):
     return arr.reshape(*arr.shape[:-1], arr.shape[-1] // 2, 2)
 
 
-def _check_size(image_size, name="image_size"):
+def _check_size(image_size, name="image_size", batched=False):
+    """``(width, height)`` as floats, or (``batched``) as arrays of shape ``(...)`` from ``(..., 2)``."""
     message = f"{name} must be a (width, height) pair of positive numbers; got {image_size!r}."
     try:
-        w, h = (float(v) for v in image_size)
+        arr = np.asarray(image_size, dtype=np.float64)
     except (TypeError, ValueError):
         raise ValueError(message) from None
-    if not (w > 0 and h > 0 and math.isfinite(w) and math.isfinite(h)):
+    shape_ok = arr.ndim >= 1 and arr.shape[-1] == 2 if batched else arr.shape == (2,)
+    if not shape_ok or not np.all(np.isfinite(arr) & (arr > 0)):
         raise ValueError(message)
-    return w, h
+    return (arr[..., 0], arr[..., 1]) if batched else (float(arr[0]), float(arr[1]))
 
 
 def _check_box(box):
+    """``left, top, width, height`` as arrays of shape ``(...)`` from ``(..., 4)``."""
     try:
-        left, top, width, height = (float(v) for v in box)
+        arr = np.asarray(box, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"box must be (left, top, width, height) in pixels; got {box!r}.") from None
-    if not (width > 0 and height > 0 and math.isfinite(left) and math.isfinite(top)):
+        arr = None
+    if arr is None or arr.ndim < 1 or arr.shape[-1] != 4:
+        raise ValueError(f"box must be (left, top, width, height) px, shape (4,) or (..., 4); got {box!r}.")
+    left, top, width, height = np.moveaxis(arr, -1, 0)
+    if not (np.all(np.isfinite(arr)) and np.all(width > 0) and np.all(height > 0)):
         raise ValueError(f"box must have a finite origin and positive width and height; got {box!r}.")
     return left, top, width, height
 
 
 def _scale_shift(pairs, scale, shift):
-    """``pairs * scale + shift`` with per-coordinate (x, y) constants, for NumPy arrays and tensors alike."""
+    """``pairs * scale + shift`` with (x, y) factors that broadcast over the leading axes of ``pairs``.
+
+    ``scale`` and ``shift`` are ``(x, y)`` pairs of scalars or of arrays of shape ``(...)``; they become
+    ``(..., 1, 2)`` so that one box (or image size) per row applies to all K points of that row.
+    """
+    scale = np.stack(np.broadcast_arrays(*scale), axis=-1)[..., None, :]
+    shift = np.stack(np.broadcast_arrays(*shift), axis=-1)[..., None, :]
     torch = _torch_of(pairs)
     if torch is not None:
         scale = torch.as_tensor(scale, dtype=pairs.dtype, device=pairs.device)
         shift = torch.as_tensor(shift, dtype=pairs.dtype, device=pairs.device)
     else:
-        scale = np.asarray(scale, dtype=pairs.dtype)
-        shift = np.asarray(shift, dtype=pairs.dtype)
+        scale = scale.astype(pairs.dtype, copy=False)
+        shift = shift.astype(pairs.dtype, copy=False)
     return pairs * scale + shift
 
 
@@ -118,8 +134,8 @@ def pixel_to_normalized(points, image_size):
     ----------
     points : array-like or torch.Tensor of shape (..., 2*K)
         Interleaved ``(x, y)`` pixel coordinates; NaN marks missing points.
-    image_size : tuple of (width, height)
-        Size of the image in pixels.
+    image_size : tuple of (width, height) or array-like of shape (..., 2)
+        Size of the image in pixels (one per row when batched).
 
     Returns
     -------
@@ -131,7 +147,7 @@ def pixel_to_normalized(points, image_size):
     >>> pixel_to_normalized([[320.0, 120.0]], image_size=(640, 480))
     array([[0.5 , 0.25]])
     """
-    w, h = _check_size(image_size)
+    w, h = _check_size(image_size, batched=True)
     pairs = _as_pairs(points)
     return _flat(_scale_shift(pairs, (1.0 / w, 1.0 / h), (0.0, 0.0)))
 
@@ -143,8 +159,8 @@ def normalized_to_pixel(points, image_size):
     ----------
     points : array-like or torch.Tensor of shape (..., 2*K)
         Interleaved normalised ``(x, y)`` coordinates; NaN marks missing points.
-    image_size : tuple of (width, height)
-        Size of the image in pixels.
+    image_size : tuple of (width, height) or array-like of shape (..., 2)
+        Size of the image in pixels (one per row when batched).
 
     Returns
     -------
@@ -155,7 +171,7 @@ def normalized_to_pixel(points, image_size):
     >>> normalized_to_pixel([[0.5, 0.25]], image_size=(640, 480))
     array([[320., 120.]])
     """
-    w, h = _check_size(image_size)
+    w, h = _check_size(image_size, batched=True)
     pairs = _as_pairs(points)
     return _flat(_scale_shift(pairs, (w, h), (0.0, 0.0)))
 
@@ -191,14 +207,15 @@ def crop_points(points, box, image_size):
     ----------
     points : array-like or torch.Tensor of shape (..., 2*K)
         Interleaved normalised ``(x, y)`` coordinates in the full image; NaN marks missing points.
-    box : tuple of (left, top, width, height)
-        The crop in pixels of the full image (see :func:`sample_resized_crop_box`).
-    image_size : tuple of (width, height)
-        Size of the full image in pixels.
+    box : tuple of (left, top, width, height) or array-like of shape (..., 4)
+        The crop in pixels of the full image (see :func:`sample_resized_crop_box`); one per row when batched.
+    image_size : tuple of (width, height) or array-like of shape (..., 2)
+        Size of the full image in pixels (one per row when batched).
 
     Returns
     -------
-    ndarray or torch.Tensor of the same shape
+    ndarray or torch.Tensor
+        Of the same shape, or of the broadcast shape when ``box`` / ``image_size`` have more rows.
         Normalised coordinates in the crop. A point outside the crop (a coordinate outside ``[0, 1]``, edges
         included as inside) gets both coordinates set to NaN, as in the reference ImageNet-AB loader.
 
@@ -208,7 +225,7 @@ def crop_points(points, box, image_size):
     array([[0.5, 0.5],
            [nan, nan]])
     """
-    w, h = _check_size(image_size)
+    w, h = _check_size(image_size, batched=True)
     left, top, bw, bh = _check_box(box)
     pairs = _as_pairs(points)
     moved = _scale_shift(pairs, (w / bw, h / bh), (-left / bw, -top / bh))
@@ -225,21 +242,22 @@ def uncrop_points(points, box, image_size):
     ----------
     points : array-like or torch.Tensor of shape (..., 2*K)
         Interleaved normalised ``(x, y)`` coordinates in the crop; NaN stays NaN. Points are not masked.
-    box : tuple of (left, top, width, height)
-        The crop in pixels of the full image.
-    image_size : tuple of (width, height)
-        Size of the full image in pixels.
+    box : tuple of (left, top, width, height) or array-like of shape (..., 4)
+        The crop in pixels of the full image; one per row when batched.
+    image_size : tuple of (width, height) or array-like of shape (..., 2)
+        Size of the full image in pixels (one per row when batched).
 
     Returns
     -------
-    ndarray or torch.Tensor of the same shape
+    ndarray or torch.Tensor
+        Of the same shape, or of the broadcast shape when ``box`` / ``image_size`` have more rows.
 
     Examples
     --------
     >>> uncrop_points([[0.5, 0.5]], box=(100, 0, 200, 100), image_size=(400, 100))
     array([[0.5, 0.5]])
     """
-    w, h = _check_size(image_size)
+    w, h = _check_size(image_size, batched=True)
     left, top, bw, bh = _check_box(box)
     pairs = _as_pairs(points)
     return _flat(_scale_shift(pairs, (bw / w, bh / h), (left / w, top / h)))
