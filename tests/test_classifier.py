@@ -67,7 +67,7 @@ def test_real_byproducts_beat_shuffled_ones(data):
         for name, w, z in [("plain", 0.0, None), ("luab", 1.0, Z), ("shuffled", 1.0, shuffled)]
     }
     assert acc["luab"] > acc["plain"] + 0.02
-    assert acc["luab"] > acc["shuffled"] + 0.05
+    assert acc["luab"] > acc["shuffled"] + 0.03
 
 
 def test_predict_byproducts_in_z_units(data):

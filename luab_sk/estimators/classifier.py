@@ -92,7 +92,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         medium problems. ``"adamw"``: mini-batch AdamW. ``"auto"``: L-BFGS up to 1e8 input elements.
     max_iter : int, default=200
         Maximum L-BFGS iterations or AdamW epochs.
-    tol : float, default=1e-5
+    tol : float, default=1e-4
         L-BFGS stops when an iteration decreases the objective by less than ``tol * max(|f|, 1)``;
         AdamW when the epoch loss has not improved by ``tol`` for ``n_iter_no_change`` epochs.
     batch_size : int, default=256
@@ -173,7 +173,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         alpha=1e-4,
         solver="auto",
         max_iter=200,
-        tol=1e-5,
+        tol=1e-4,
         batch_size=256,
         learning_rate=1e-3,
         early_stopping=False,
