@@ -7,6 +7,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from luab_sk.byproducts import (
     ByproductFormatError,
@@ -302,6 +304,24 @@ def test_coco_json_edge_cases(tmp_path, text, n_records, match):
         assert match in " ".join(e.reason for e in records.errors)
         with pytest.raises(ByproductFormatError):
             read_coco_ab(path)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(json_values, max_size=5), st.integers(1, 40), st.sampled_from([None, 0, 3]))
+def test_json_list_stream_matches_json_loads(items, chunk_chars, indent):
+    text = json.dumps(items, indent=indent, ensure_ascii=False)
+    got = list(_iter_json_list(io.StringIO(text), chunk_chars, max_item_chars=10**6))
+    assert [v for _, _, v in got] == items
+    assert [i for i, _, _ in got] == list(range(len(items)))
+    for _, offset, value in got:  # offsets point at each record in the text
+        assert json.JSONDecoder().raw_decode(text, offset)[0] == value
 
 
 def test_json_list_stream_does_not_split_numbers():
