@@ -32,6 +32,8 @@ FOREGROUNDS = {
     "coffee": (70, 0, 490, 400),  # a cup of coffee on a saucer
     "astronaut": (30, 0, 380, 512),  # a person in a space suit
     "rocket": (270, 110, 380, 427),  # a rocket on its launch pad
+    "faces": None,  # the 100 face crops of ``skimage.data.lfw_subset`` (25 x 25, grey)
+    "nonfaces": None,  # its 100 non-face crops
 }
 
 # Background group -> (grey texture in ``skimage.data``, RGB tint).
@@ -42,13 +44,17 @@ BACKGROUNDS = {
 }
 
 
-def _load_photo(name):
+def _load_photos(name):
+    """The list of source photos of a foreground class."""
     from skimage import data
 
     if name not in FOREGROUNDS:
         raise ValueError(f"classes contains {name!r}; choose foregrounds among {sorted(FOREGROUNDS)}.")
-    region = FOREGROUNDS[name]
-    return Image.fromarray(getattr(data, name)()).convert("RGB").crop(region)
+    if name in ("faces", "nonfaces"):
+        lfw = data.lfw_subset()
+        part = lfw[:100] if name == "faces" else lfw[100:]
+        return [Image.fromarray(np.uint8(255 * img)).convert("RGB") for img in part]
+    return [Image.fromarray(getattr(data, name)()).convert("RGB").crop(FOREGROUNDS[name])]
 
 
 def _load_texture(name):
@@ -219,7 +225,7 @@ def make_spurious_scenes(
         raise ValueError(
             f"backgrounds must name {len(classes)} distinct groups, one per class, got {backgrounds!r}."
         )
-    photos = [_load_photo(name) for name in classes]
+    photos = [_load_photos(name) for name in classes]
     textures = [_load_texture(name) for name in backgrounds]
     rng = check_random_state(random_state)
     rng = np.random.default_rng(rng.randint(np.iinfo(np.int32).max))
@@ -233,7 +239,11 @@ def make_spurious_scenes(
     boxes = np.empty((n_samples, 4))
     for i in range(n_samples):
         canvas = _background(*textures[background[i]], rng, size=image_size)
-        obj = _augment_object(photos[y[i]], rng, side=int(round(rng.uniform(lo, hi) * image_size)))
+        obj = _augment_object(
+            photos[y[i]][rng.integers(len(photos[y[i]]))],
+            rng,
+            side=int(round(rng.uniform(lo, hi) * image_size)),
+        )
         ow, oh = obj.size
         left = int(rng.integers(0, image_size - ow + 1))
         top = int(rng.integers(0, image_size - oh + 1))
@@ -335,12 +345,16 @@ def foreground_crops(n_samples=200, *, classes=("chelsea", "coffee"), image_size
     """
     if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
-    photos = [_load_photo(name) for name in classes]
+    photos = [_load_photos(name) for name in classes]
     rng = np.random.default_rng(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     y = rng.permutation(np.arange(n_samples) % len(photos))
     images = np.full((n_samples, image_size, image_size, 3), 127, dtype=np.uint8)
     for i in range(n_samples):
-        obj = _augment_object(photos[y[i]], rng, side=int(round(rng.uniform(0.8, 1.0) * image_size)))
+        obj = _augment_object(
+            photos[y[i]][rng.integers(len(photos[y[i]]))],
+            rng,
+            side=int(round(rng.uniform(0.8, 1.0) * image_size)),
+        )
         ow, oh = obj.size
         left, top = (image_size - ow) // 2, (image_size - oh) // 2
         images[i, top : top + oh, left : left + ow] = np.asarray(obj)
