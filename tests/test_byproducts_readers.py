@@ -254,6 +254,15 @@ def test_coco_reader_keeps_good_records_and_reports_bad_ones(coco_file):
     assert rec.category_names and rec.time_spent > 0 and rec.image_size[0] > 0
 
 
+def test_coco_stream_without_an_error_list_warns(coco_file):
+    with pytest.warns(UserWarning) as caught:
+        records = list(iter_coco_ab(coco_file[0], on_error="skip"))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == len(coco_file[1].malformed)
+    assert "[record 38]: missing field" in messages[0] and "truncated" in messages[-1]
+    assert len(records) == len(coco_file[1].image_ids) - len(coco_file[1].malformed)
+
+
 def test_coco_reader_raises_on_request(coco_file):
     with pytest.raises(ByproductFormatError, match=r"\[record 38\]: missing field"):
         read_coco_ab(coco_file[0])

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import numpy as np
 
@@ -162,7 +163,8 @@ def iter_coco_ab(path, image_ids=None, *, on_error="raise", errors=None, traces=
         (including a truncated file) ends the stream after the last good record: raised, or appended.
     errors : list, optional
         Where ``on_error="skip"`` appends :class:`ParseError` entries (``path`` reads
-        ``"<file> [record i]"`` or ``"<file> [char offset]"``).
+        ``"<file> [record i]"`` or ``"<file> [char offset]"``). When None, each skipped problem is reported
+        with a :class:`UserWarning` instead.
     traces : bool, default=True
         Build mouse-trace arrays (set False to save time and memory).
     chunk_chars : int, default=1048576
@@ -181,8 +183,6 @@ def iter_coco_ab(path, image_ids=None, *, on_error="raise", errors=None, traces=
     True
     """
     check_on_error(on_error)
-    if errors is None:
-        errors = []
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be a positive integer; got {chunk_chars!r}.")
     path = os.fspath(path)
@@ -192,7 +192,10 @@ def iter_coco_ab(path, image_ids=None, *, on_error="raise", errors=None, traces=
     def fail(where, reason):
         if on_error == "raise":
             raise ByproductFormatError(where, reason)
-        errors.append(ParseError(where, reason))
+        if errors is None:
+            warnings.warn(f"skipped {where}: {reason}", UserWarning, stacklevel=3)
+        else:
+            errors.append(ParseError(where, reason))
 
     with open(path, encoding="utf-8") as f:
         items = _iter_json_list(f, chunk_chars, max_item_chars=max(64 * chunk_chars, 1 << 26))
