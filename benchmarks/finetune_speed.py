@@ -29,6 +29,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -227,11 +228,16 @@ def main(argv=None):
         "torch": torch.__version__,
         "threads": args.threads,
         "cpu_count": multiprocessing.cpu_count(),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "note": "weights random-init (speed does not depend on them); medians over timed epochs",
     }
     lines = [
         f"# LUABFineTuner training speed ({device}: {dev_name}, torch {torch.__version__}, "
         f"{args.threads} thread(s))",
+        "",
+        f"Machine: {multiprocessing.cpu_count()} cores shared with other jobs (1-min load average "
+        f"{os.getloadavg()[0]:.1f} at the end of the run), so absolute numbers are noisy; the ratios compare "
+        "configurations measured in the same run.",
         "",
         f"Batch {batch}, {size} px, {steps} batches per epoch, median of {args.repeats} epochs after a "
         f"warm-up epoch; AMP {'bf16' if device == 'cuda' else 'off'}; DataLoader workers {workers}.",
