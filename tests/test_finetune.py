@@ -369,3 +369,22 @@ def test_bad_params_are_rejected(params, match):
 def test_bad_images_are_rejected(X, error, match):
     with pytest.raises(error, match=match):
         tiny().fit(X, np.arange(4) % 2)
+
+
+def test_bf16_autocast_and_channels_last_run_on_cpu():
+    X, y, Z = make_scenes(8)
+    ft = tiny(backbone="timm:test_efficientnet", amp=True, channels_last=True).fit(X, y, Z=Z)
+    assert np.isfinite(ft.loss_curve_).all()
+    assert ft.predict_proba(X).dtype == np.float64 and np.isfinite(ft.predict_proba(X)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backbone", "size", "grid"), [("open_clip:ViT-B-32", 224, (7, 7)), ("torchvision:resnet18", 64, (2, 2))]
+)
+def test_other_backbone_families(backbone, size, grid):
+    X, y, Z = make_scenes(4, size=size)
+    ft = tiny(backbone=backbone, image_size=size, batch_size=4, trainable_layers=2).fit(X, y, Z=Z)
+    assert ft.grid_shape_ == grid and ft.attention_maps(X).shape == (4, *grid)
+    trainable = [p.requires_grad for group in ft.model_.backbone_groups for p in group]
+    assert any(trainable) and not all(trainable)
