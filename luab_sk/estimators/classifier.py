@@ -37,7 +37,7 @@ ATTENTION_TARGETS = ("heatmap", "point")
 # solver="auto" uses full-batch L-BFGS up to this many input elements (samples x width), AdamW above.
 _LBFGS_MAX_ELEMENTS = 100_000_000
 # Token rows used to fit the width-reducing PCA of the attention head.
-_PCA_MAX_ROWS = 50_000
+_PCA_MAX_ROWS = 20_000
 _PREDICT_CHUNK = 8192
 
 
@@ -404,9 +404,9 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 rows if rows.shape[0] <= _PCA_MAX_ROWS else rows[rng.choice(rows.shape[0], _PCA_MAX_ROWS)]
             )
             n_components = min(self.n_components, sample.shape[0])
-            self.token_pca_ = PCA(
-                n_components, whiten=self.standardize, svd_solver="randomized", random_state=seed
-            ).fit(sample)
+            self.token_pca_ = PCA(n_components, whiten=self.standardize, svd_solver="covariance_eigh").fit(
+                sample
+            )
         elif self.standardize:
             self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in nan_standardization(rows))
         return self._transform_input(X)
