@@ -51,6 +51,26 @@ def random_orthogonal_projection(in_dim: int, out_dim: int, seed: int) -> np.nda
     return q.to(torch.float32).numpy()
 
 
+def _single_threaded(loader):
+    """Iterate an in-process DataLoader, decoding and preprocessing with one intra-op thread.
+
+    Tiny per-image tensor ops (``ToTensor``, ``Normalize``) take about 0.1 ms on one thread but were
+    measured at about 50 ms on a 2-thread pool while the cores were busy; the forward pass between
+    batches keeps every thread.
+    """
+    batches = iter(loader)
+    threads = torch.get_num_threads()
+    while True:
+        torch.set_num_threads(1)
+        try:
+            batch = next(batches, None)
+        finally:
+            torch.set_num_threads(threads)
+        if batch is None:
+            return
+        yield batch
+
+
 class _Items:
     """Uniform positional access to the accepted inputs (sequence, (n, H, W, 3) array, torch Dataset)."""
 
@@ -311,7 +331,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             raise err
         failed[pos] = (pos, describe_item(item), str(err))
 
-    def _encode(self, backbone, items, positions, device, precision, projection, sink, failed):
+    def _encode(self, backbone, items, positions, *, device, precision, projection, sink, failed):
         """Run ``items[positions]`` through the backbone in batches, calling ``sink(positions, arrays)``."""
         dataset = ImageDataset(_Subset(items, positions), backbone.eval_transform(), on_error=self.on_error)
         loader = DataLoader(
@@ -333,7 +353,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         start = 0
         with tqdm(total=len(positions), unit="img", disable=self.verbose <= 0, desc="encoding") as bar:
             with torch.inference_mode(), autocast:
-                for images, ok in loader:
+                for images, ok in loader if self.num_workers else _single_threaded(loader):
                     batch_pos = positions[start : start + len(images)]
                     start += len(images)
                     x = images.to(device, non_blocking=True)
@@ -377,103 +397,113 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         """
         self._check_params()
         items = _Items(images)
-        n = len(items)
         device = resolve_device(self.device)
         precision = self._precision(device)
-        backbone = _shared_backbone(
-            self.backbone, None if self.pretrained is None else str(self.pretrained), self.layer
-        )
+        pretrained = None if self.pretrained is None else str(self.pretrained)
+        backbone = _shared_backbone(self.backbone, pretrained, self.layer)
         projection = self._projection(backbone)
-        outputs = self._outputs()
         self.grid_ = backbone.grid
         self.pooled_dim_ = backbone.pooled_dim
         self.token_dim_ = backbone.token_dim if projection is None else int(self.token_dim)
         self.projection_ = projection
-        shapes = {"pooled": (self.pooled_dim_,), "tokens": (self.grid_[0] * self.grid_[1], self.token_dim_)}
-        np_dtype = _DTYPES[self.dtype]
+        encode = functools.partial(
+            self._encode, backbone, items, device=device, precision=precision, projection=projection
+        )
         failed: dict[int, tuple] = {}
-
         if self.cache_dir is None:
-            self.cache_key_ = None
-            result = {k: np.full((n, *shapes[k]), np.nan, dtype=np_dtype) for k in outputs}
-
-            def sink(pos, arrays):
-                for k, a in arrays.items():
-                    result[k][pos] = a
-
-            self.n_encoded_ = self._encode(
-                backbone, items, list(range(n)), device, precision, projection, sink, failed
-            )
-            self.n_cached_ = 0
+            result = self._transform_in_memory(items, encode, failed)
         else:
-            cache = EmbeddingCache(
-                self.cache_dir, self._cache_config(backbone, projection, precision), outputs
-            )
-            self.cache_key_ = cache.key
-            if projection is not None and not (cache.path / "projection.npy").exists():
-                _atomic_write(
-                    cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False)
-                )
-            ids: list[str | None] = [None] * n
-            for i in range(n):
-                item = items[i]
-                try:
-                    ids[i] = image_id(item, self.image_id)
-                except OSError as err:
-                    self._fail(
-                        failed,
-                        i,
-                        item,
-                        ImageLoadError(f"Could not read image file {describe_item(item)}: {err}"),
-                    )
-            found = cache.lookup(ids)
-            first_pos = {}
-            for i, ident in enumerate(ids):
-                if ident is not None and ident not in found:
-                    first_pos.setdefault(ident, i)
-            todo = sorted(first_pos.values())
-            pending: dict[str, list] = {"pos": [], **{k: [] for k in outputs}}
-
-            def flush(final):
-                """Commit full shards of ``shard_size`` rows (and, at the end, the remainder)."""
-                if not pending["pos"]:
-                    return
-                pos = pending["pos"]
-                arrays = {k: np.concatenate(pending[k]) for k in outputs}
-                size = self.shard_size
-                stop = len(pos) if final else len(pos) - len(pos) % size
-                for start in range(0, stop, size):
-                    chunk = slice(start, min(start + size, stop))
-                    cache.write_shard([ids[p] for p in pos[chunk]], {k: a[chunk] for k, a in arrays.items()})
-                pending["pos"] = pos[stop:]
-                for k in outputs:
-                    pending[k] = [arrays[k][stop:]]
-
-            def sink(pos, arrays):
-                pending["pos"].extend(pos)
-                for k, a in arrays.items():
-                    pending[k].append(a)
-                if len(pending["pos"]) >= self.shard_size:
-                    flush(final=False)
-
-            self.n_encoded_ = (
-                self._encode(backbone, items, todo, device, precision, projection, sink, failed)
-                if todo
-                else 0
-            )
-            flush(final=True)
-            self.n_cached_ = sum(ident is not None and ident in found for ident in ids)
-            final = cache.lookup(ids)
-            for i, ident in enumerate(ids):  # duplicates of an image that failed to decode
-                if ident is not None and ident not in final and i not in failed:
-                    failed[i] = (i, describe_item(items[i]), failed[first_pos[ident]][2])
-            good = [i for i in range(n) if i not in failed]
-            rows = cache.gather([ids[i] for i in good], final)
-            if len(good) == n:
-                result = rows
-            else:
-                result = {k: np.full((n, *shapes[k]), np.nan, dtype=np_dtype) for k in outputs}
-                for k in outputs:
-                    result[k][good] = rows[k]
+            config = self._cache_config(backbone, projection, precision)
+            result = self._transform_cached(items, encode, config, failed)
         self.failed_ = [failed[p] for p in sorted(failed)]
         return result if self.output == "both" else result[self.output]
+
+    def _nan_rows(self, n: int) -> dict[str, np.ndarray]:
+        shapes = {"pooled": (self.pooled_dim_,), "tokens": (self.grid_[0] * self.grid_[1], self.token_dim_)}
+        return {k: np.full((n, *shapes[k]), np.nan, dtype=_DTYPES[self.dtype]) for k in self._outputs()}
+
+    def _transform_in_memory(self, items, encode, failed):
+        result = self._nan_rows(len(items))
+
+        def sink(pos, arrays):
+            for k, a in arrays.items():
+                result[k][pos] = a
+
+        self.cache_key_ = None
+        self.n_encoded_ = encode(list(range(len(items))), sink=sink, failed=failed)
+        self.n_cached_ = 0
+        return result
+
+    def _image_ids(self, items, failed) -> list[str | None]:
+        ids: list[str | None] = [None] * len(items)
+        for i in range(len(items)):
+            item = items[i]
+            try:
+                ids[i] = image_id(item, self.image_id)
+            except OSError as err:
+                message = f"Could not read image file {describe_item(item)}: {err}"
+                self._fail(failed, i, item, ImageLoadError(message))
+        return ids
+
+    def _transform_cached(self, items, encode, config, failed):
+        cache = EmbeddingCache(self.cache_dir, config, self._outputs())
+        self.cache_key_ = cache.key
+        if self.projection_ is not None and not (cache.path / "projection.npy").exists():
+            projection = self.projection_
+            _atomic_write(
+                cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False)
+            )
+        ids = self._image_ids(items, failed)
+        found = cache.lookup(ids)
+        first_pos: dict[str, int] = {}
+        for i, ident in enumerate(ids):
+            if ident is not None and ident not in found:
+                first_pos.setdefault(ident, i)
+        todo = sorted(first_pos.values())
+        writer = _ShardWriter(cache, ids, self._outputs(), self.shard_size)
+        self.n_encoded_ = encode(todo, sink=writer, failed=failed) if todo else 0
+        writer.flush(final=True)
+        self.n_cached_ = sum(ident is not None and ident in found for ident in ids)
+        final = cache.lookup(ids)
+        for i, ident in enumerate(ids):  # duplicates of an image that failed to decode
+            if ident is not None and ident not in final and i not in failed:
+                failed[i] = (i, describe_item(items[i]), failed[first_pos[ident]][2])
+        good = [i for i in range(len(items)) if i not in failed]
+        rows = cache.gather([ids[i] for i in good], final)
+        if len(good) == len(items):
+            return rows
+        result = self._nan_rows(len(items))
+        for k, a in rows.items():
+            result[k][good] = a
+        return result
+
+
+class _ShardWriter:
+    """Collects encoded rows and commits them to the cache in shards of ``shard_size`` rows."""
+
+    def __init__(self, cache: EmbeddingCache, ids, outputs, shard_size: int):
+        self.cache, self.ids, self.outputs, self.shard_size = cache, ids, outputs, shard_size
+        self.pos: list[int] = []
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in outputs}
+
+    def __call__(self, pos, arrays):
+        self.pos.extend(pos)
+        for k, a in arrays.items():
+            self.parts[k].append(a)
+        if len(self.pos) >= self.shard_size:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        """Commit full shards (and, when ``final``, the remainder)."""
+        if not self.pos:
+            return
+        arrays = {k: np.concatenate(self.parts[k]) for k in self.outputs}
+        size = self.shard_size
+        stop = len(self.pos) if final else len(self.pos) - len(self.pos) % size
+        for start in range(0, stop, size):
+            chunk = slice(start, min(start + size, stop))
+            self.cache.write_shard(
+                [self.ids[p] for p in self.pos[chunk]], {k: a[chunk] for k, a in arrays.items()}
+            )
+        self.pos = self.pos[stop:]
+        self.parts = {k: [a[stop:]] for k, a in arrays.items()}
