@@ -164,10 +164,14 @@ def test_grid_search_routing_off_and_on(data):
             on = GridSearchCV(est, grid, cv=3).fit(X, y, Z=Z)
             pipe = make_pipeline(StandardScaler(), clone(est))
             routed = cross_validate(pipe, X, y, params={"Z": Z}, cv=3)
+            piped = GridSearchCV(pipe, {"luabclassifier__byproduct_weight": [0.0, 1.0]}, cv=3).fit(X, y, Z=Z)
+            routed_fit = clone(pipe).fit(X, y, Z=Z)
         step = make_pipeline(StandardScaler(), clone(est)).fit(X, y, luabclassifier__Z=Z)
     np.testing.assert_allclose(off.cv_results_["mean_test_score"], on.cv_results_["mean_test_score"])
     assert routed["test_score"].shape == (3,)
     assert step[-1].n_byproducts_ == Z.shape[1]
+    assert piped.cv_results_["mean_test_score"].shape == (2,)
+    assert routed_fit[-1].n_byproducts_ == Z.shape[1]  # Z=Z reached the last step through the pipeline
 
 
 def test_clone_pickle_joblib_round_trip(data, tmp_path):
