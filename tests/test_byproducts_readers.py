@@ -17,6 +17,7 @@ from luab_sk.byproducts import (
     coco_key,
     imagenet_key,
     iter_coco_ab,
+    iter_imagenet_ab_chunks,
     list_imagenet_ab_files,
     parse_imagenet_ab_xml,
     read_coco_ab,
@@ -151,14 +152,26 @@ def test_keys_select_and_missing_files_give_missing_rows(imagenet_folder):
     assert from_list.keys == records.keys
 
 
-def test_parallel_read_matches_serial(imagenet_folder):
-    folder, _ = imagenet_folder
-    serial = read_imagenet_ab(folder, on_error="skip")
-    parallel = read_imagenet_ab(folder, on_error="skip", n_jobs=2, chunk_size=4)
-    assert parallel.keys == serial.keys and parallel.errors == serial.errors
-    for a, b in zip(serial, parallel):
+def test_chunks_keep_order_and_raise_at_the_first_bad_chunk(imagenet_folder):
+    folder, truth = imagenet_folder
+    paths = sorted(truth.paths)
+    chunks = list(iter_imagenet_ab_chunks(folder, on_error="skip", chunk_size=5))
+    assert [len(c) + len(c.errors) for c in chunks] == [5, 5, 5, 3]
+    assert [k for c in chunks for k in c.keys] == read_imagenet_ab(folder, on_error="skip").keys
+    parallel = list(iter_imagenet_ab_chunks(folder, on_error="skip", chunk_size=5, n_jobs=2))
+    assert [c.keys for c in parallel] == [c.keys for c in chunks]
+    assert [c.errors for c in parallel] == [c.errors for c in chunks]
+    for a, b in zip((r for c in chunks for r in c), (r for c in parallel for r in c)):
         np.testing.assert_array_equal(a.point, b.point)
         assert [len(t.trace) for t in a.tasks] == [len(t.trace) for t in b.tasks]
+    first_bad = min(paths.index(p) for p in truth.malformed)
+    good_chunks = []
+    with pytest.raises(ByproductFormatError):
+        for chunk in iter_imagenet_ab_chunks(folder, chunk_size=5):
+            good_chunks.append(chunk)
+    assert len(good_chunks) == first_bad // 5
+    with pytest.raises(ValueError, match="chunk_size"):
+        next(iter_imagenet_ab_chunks(folder, chunk_size=2.5))
 
 
 def test_duplicate_keys_in_a_path_list(imagenet_folder, tmp_path):

@@ -1,10 +1,11 @@
 """Annotation byproducts Z: readers, the encoder to Z arrays, and crop/flip geometry.
 
 Readers
-    :func:`read_imagenet_ab` (a folder or list of ImageNet-AB XML files, parsed with defusedxml, in parallel
-    with joblib) and :func:`read_coco_ab` / :func:`iter_coco_ab` (the COCO-AB JSON, streamed in bounded
-    memory) return :class:`ByproductRecords`: per-image records keyed by ``"wnid/wnid_id"`` or ``image_id``,
-    with ``align(keys)`` to line them up with an image list (None where an image has no byproducts).
+    :func:`read_imagenet_ab` / :func:`iter_imagenet_ab_chunks` (a folder or list of ImageNet-AB XML
+    files, parsed with defusedxml, in parallel with joblib) and :func:`read_coco_ab` /
+    :func:`iter_coco_ab` (the COCO-AB JSON, streamed in bounded memory) return :class:`ByproductRecords`:
+    per-image records keyed by ``"wnid/wnid_id"`` or ``image_id``, with ``align(keys)`` to line them up
+    with an image list (None where an image has no byproducts).
 Encoder
     :class:`ByproductEncoder` turns records into Z arrays (points, per-class points, heatmaps, traces,
     timings) with NaN for what is missing.
@@ -35,7 +36,12 @@ from .geometry import (
     sample_resized_crop_box,
     uncrop_points,
 )
-from .imagenet_ab import list_imagenet_ab_files, parse_imagenet_ab_xml, read_imagenet_ab
+from .imagenet_ab import (
+    iter_imagenet_ab_chunks,
+    list_imagenet_ab_files,
+    parse_imagenet_ab_xml,
+    read_imagenet_ab,
+)
 
 # The encoder needs scikit-learn, whose import takes seconds; it is loaded on first use so that the readers
 # (and the joblib worker processes that import this package to parse XML) start fast.
@@ -71,6 +77,7 @@ __all__ = [
     "icon_positions",
     "imagenet_key",
     "iter_coco_ab",
+    "iter_imagenet_ab_chunks",
     "list_imagenet_ab_files",
     "normalized_to_pixel",
     "parse_imagenet_ab_xml",

@@ -7,6 +7,7 @@ formats") for the format and its quirks.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 from datetime import datetime, timezone
@@ -27,7 +28,7 @@ from ._records import (
     imagenet_key,
 )
 
-__all__ = ["list_imagenet_ab_files", "parse_imagenet_ab_xml", "read_imagenet_ab"]
+__all__ = ["iter_imagenet_ab_chunks", "list_imagenet_ab_files", "parse_imagenet_ab_xml", "read_imagenet_ab"]
 
 _TRUE = {"True": True, "true": True, "1": True, "False": False, "false": False, "0": False}
 # <metadata> children holding a number, and the ImageNetABTask attribute each fills.
@@ -283,6 +284,75 @@ def _unique_by_key(paths):
     return unique, errors
 
 
+def _resolve_paths(source, keys):
+    """The XML paths to read, in order, one per image key, and errors for repeated keys."""
+    if isinstance(source, (str, os.PathLike)):
+        if keys is not None:
+            folder = os.fspath(source)
+            if not os.path.isdir(folder):
+                raise ValueError(f"source directory {folder!r} does not exist or is not a directory.")
+            paths = [os.path.join(folder, imagenet_key(k) + ".xml") for k in keys]
+            paths = [p for p in paths if os.path.isfile(p)]
+        else:
+            paths = list_imagenet_ab_files(source)
+    else:
+        paths = [os.fspath(p) for p in source if not os.path.basename(os.fspath(p)).startswith("._")]
+        if keys is not None:
+            by_key = {imagenet_key(p): p for p in paths}
+            paths = [by_key[k] for k in (imagenet_key(k) for k in keys) if k in by_key]
+    return _unique_by_key(paths)
+
+
+def iter_imagenet_ab_chunks(
+    source, keys=None, *, on_error="raise", traces=True, n_jobs=None, chunk_size=2000
+):
+    """Read ImageNet-AB XML files chunk by chunk, so that memory stays bounded on the full 1.28M files.
+
+    Parameters are those of :func:`read_imagenet_ab`; each chunk holds the records of ``chunk_size``
+    consecutive files. With ``n_jobs``, chunks are parsed in parallel processes and come back in order.
+    Parsed records take a few kB each, so the whole ImageNet-AB held at once takes several GB: encode each
+    chunk and keep only Z (see the example).
+
+    Yields
+    ------
+    ByproductRecords
+        One per chunk, with that chunk's ``errors`` (with ``on_error="raise"``, the first chunk holding a bad
+        file raises :class:`ByproductFormatError` instead).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from luab_sk.byproducts import ByproductEncoder
+    >>> from luab_sk.datasets.imagenet_ab_like import make_imagenet_ab_like
+    >>> folder = tempfile.mkdtemp()
+    >>> truth = make_imagenet_ab_like(folder, n_classes=2, n_per_class=5, random_state=0)
+    >>> enc = ByproductEncoder().fit(read_imagenet_ab(folder, truth.image_keys[:6]))  # fit on a sample
+    >>> row = {key: i for i, key in enumerate(truth.image_keys)}
+    >>> Z = np.full((len(row), enc.n_features_out_), np.nan)
+    >>> for chunk in iter_imagenet_ab_chunks(folder, chunk_size=4):
+    ...     Z[[row[key] for key in chunk.keys]] = enc.transform(chunk)
+    >>> bool(np.allclose(Z, truth.points, equal_nan=True))
+    True
+    """
+    check_on_error(on_error)
+    if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
+    paths, errors = _resolve_paths(source, keys)
+    chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
+    if n_jobs in (None, 1) or len(chunks) <= 1:
+        results = (_parse_chunk(chunk, traces) for chunk in chunks)
+    else:
+        results = Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_parse_chunk)(chunk, traces) for chunk in chunks
+        )
+    for records, chunk_errors in results:
+        errors += chunk_errors
+        if errors and on_error == "raise":
+            raise ByproductFormatError(*errors[0])
+        yield ByproductRecords(records, fmt="imagenet_ab", errors=errors)
+        errors = []
+
+
 def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs=None, chunk_size=2000):
     """Read ImageNet-AB XML files into per-image records.
 
@@ -296,9 +366,9 @@ def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs
         :func:`imagenet_key`). An image without a file gets no record, not an error: after
         ``records.align(keys)`` its entry is None and the encoders give it a missing Z row.
     on_error : {"raise", "skip"}, default="raise"
-        What to do with a malformed, truncated or unreadable file: raise :class:`ByproductFormatError`
-        (for the first bad file, in path order), or skip it and list it, with the reason, in
-        ``records.errors``.
+        What to do with a malformed, truncated or unreadable file (or a second file for the same image):
+        raise :class:`ByproductFormatError` for the first one, in path order, or skip it and list it, with
+        the reason, in ``records.errors``.
     traces : bool, default=True
         Parse mouse traces and hover records.
     n_jobs : int, optional
@@ -309,7 +379,8 @@ def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs
     Returns
     -------
     ByproductRecords
-        In the order of ``keys`` when given, else in sorted path order.
+        In the order of ``keys`` when given, else in sorted path order. For the full ImageNet-AB, prefer
+        :func:`iter_imagenet_ab_chunks`, which bounds memory.
 
     Examples
     --------
@@ -321,33 +392,8 @@ def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs
     >>> len(records) + len(records.errors) == len(truth.image_keys)
     True
     """
-    check_on_error(on_error)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
-    if isinstance(source, (str, os.PathLike)):
-        if keys is not None:
-            folder = os.fspath(source)
-            if not os.path.isdir(folder):
-                raise ValueError(f"source directory {folder!r} does not exist or is not a directory.")
-            wanted = [imagenet_key(k) for k in keys]
-            paths = [os.path.join(folder, k + ".xml") for k in wanted]
-            paths = [p for p in paths if os.path.isfile(p)]
-        else:
-            paths = list_imagenet_ab_files(source)
-    else:
-        paths = [os.fspath(p) for p in source if not os.path.basename(os.fspath(p)).startswith("._")]
-        if keys is not None:
-            by_key = {imagenet_key(p): p for p in paths}
-            paths = [by_key[k] for k in (imagenet_key(k) for k in keys) if k in by_key]
-    paths, errors = _unique_by_key(paths)
-    chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
-    if n_jobs in (None, 1) or len(chunks) <= 1:
-        results = [_parse_chunk(chunk, traces) for chunk in chunks]
-    else:
-        results = Parallel(n_jobs=n_jobs)(delayed(_parse_chunk)(chunk, traces) for chunk in chunks)
-    records = [rec for recs, _ in results for rec in recs]
-    errors += [err for _, errs in results for err in errs]
-    if errors and on_error == "raise":
-        raise ByproductFormatError(*errors[0])
+    options = {"on_error": on_error, "traces": traces, "n_jobs": n_jobs, "chunk_size": chunk_size}
+    chunks = list(iter_imagenet_ab_chunks(source, keys, **options))
+    records = [rec for chunk in chunks for rec in chunk]
+    errors = [err for chunk in chunks for err in chunk.errors]
     return ByproductRecords(records, fmt="imagenet_ab", errors=errors)
-
