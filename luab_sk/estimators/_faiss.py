@@ -28,8 +28,8 @@ IVF_AUTO_MIN_SAMPLES = 200_000
 _RESCORE_BLOCK_ELEMENTS = 1 << 23
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # faiss computes exact distances row by row (no BLAS) for batches with fewer than
-# ``distance_compute_blas_threshold`` (default 128000) / d queries; against 100k x 512 on this project's CI
-# that path measured 5-16x slower than BLAS for 4-250 queries, and faster only for 1-2 queries.
+# ``distance_compute_blas_threshold`` (default 128000) / d queries; against 100k x 512 on the 2-core
+# development machine that path measured 5-16x slower than BLAS for 4-250 queries, faster for 1-2.
 _BLAS_MIN_QUERIES = 3
 # Database rows used by the self-search that validates a GPU copy.
 _GPU_PROBE_ROWS = 8
@@ -193,6 +193,14 @@ class NeighborIndex:
     kind : {"flat", "ivf"}
     on_gpu : bool
         Whether searches run on a verified GPU copy. A pickled index comes back on the CPU.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> index = NeighborIndex(np.eye(3), metric="l2")
+    >>> distances, ids = index.search(np.array([[0.9, 0.1, 0.0]]), k=2)
+    >>> ids, distances.round(3)
+    (array([[0, 1]]), array([[0.141, 1.273]]))
     """
 
     def __init__(self, X, *, metric="cosine", index="auto", nlist=None, nprobe=None, gpu_id=None, seed=1234):
