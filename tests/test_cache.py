@@ -145,6 +145,13 @@ def test_killed_extraction_resumes_without_duplicates(tmp_path):
     out = fe.transform(images)
     assert fe.n_encoded_ == N - done and fe.n_cached_ == done
     assert committed_rows(cache_dir) == N  # nothing duplicated, nothing missing
+    store = cache_dir / fe.cache_key_
+    listed = {e["name"] for shard in shards(store) for e in shard["files"].values()}
+    config = json.loads((store / "config.json").read_text())["config"]
+    reopened = EmbeddingCache(cache_dir, config, outputs=("pooled",))
+    assert reopened.key == fe.cache_key_ and reopened.prune(min_age=3600) == 0
+    reopened.prune(min_age=0)
+    assert {p.name for p in (store / "shards").iterdir()} == listed
     np.testing.assert_allclose(out, FeatureExtractor(TINY, pretrained=None).transform(images), atol=1e-5)
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -238,6 +239,29 @@ class EmbeddingCache:
                 out[pos] = mm[[loc[p][1] for p in pos]]
             result[kind] = out
         return result
+
+    def prune(self, min_age: float = 3600.0) -> int:
+        """Delete files under ``shards/`` that no committed shard lists (left by killed writers).
+
+        Parameters
+        ----------
+        min_age : float, default=3600
+            Only files not modified for this many seconds are deleted, so that a shard another process
+            is committing right now is left alone.
+
+        Returns
+        -------
+        int
+            The number of files deleted.
+        """
+        removed = 0
+        with self._lock:
+            listed = {e["name"] for shard in self._read_manifest() for e in shard["files"].values()}
+            for path in (self.path / "shards").iterdir():
+                if path.name not in listed and time.time() - path.stat().st_mtime >= min_age:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
 
     def info(self) -> dict:
         """Key, configuration, number of rows and shards, and bytes on disk of this store."""

@@ -318,6 +318,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             "backbone": self.backbone,
             "weights": backbone.weights_id,
             "layer": self.layer,
+            "grid": list(backbone.grid),
             "preprocessing": data_config,
             "outputs": list(self._outputs()),
             "projection": proj,
@@ -394,6 +395,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         ------
         ImageLoadError
             For an unreadable image when ``on_error="raise"``; the message names the file.
+
+        Notes
+        -----
+        With a cache, every image is first identified: paths by hashing the file (or by path, size and
+        mtime with ``image_id="path"``), in-memory images by hashing their pixels, and items of a torch
+        Dataset by hashing what ``dataset[i]`` returns (so a Dataset is read once more for its misses).
         """
         self._check_params()
         items = _Items(images)
