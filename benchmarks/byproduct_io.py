@@ -5,8 +5,9 @@ Writes realistic generated data (``make_imagenet_ab_like`` / ``make_coco_ab_like
 tracks), then measures, each run in a fresh process:
 
 * ImageNet-AB: ``read_imagenet_ab`` (defusedxml, every field) serially, serially without traces, and with
-  ``n_jobs`` processes; against the reference loader's way (stdlib ``xml.etree`` ``parse`` + ``findall`` of
-  the selected clicks only, no defusing), serially.
+  ``n_jobs`` processes, and ``iter_imagenet_ab_chunks`` with ``n_jobs`` processes (records dropped after
+  each chunk, as when encoding chunk by chunk); against the reference loader's way (stdlib ``xml.etree``
+  ``parse`` + ``findall`` of the selected clicks only, no defusing), serially.
 * COCO-AB: ``iter_coco_ab`` streamed without keeping records (bounded memory), ``read_coco_ab`` keeping all
   records with traces; against ``json.load`` of the whole file and, when installed, ``ijson.items``.
 
@@ -61,7 +62,13 @@ def _measure(task, path, n_jobs):
     """Run one task in this (fresh) process: count, wall s, CPU s, peak RSS above the starting RSS in MB."""
     import xml.etree.ElementTree as ET
 
-    from luab_sk.byproducts import iter_coco_ab, list_imagenet_ab_files, read_coco_ab, read_imagenet_ab
+    from luab_sk.byproducts import (
+        iter_coco_ab,
+        iter_imagenet_ab_chunks,
+        list_imagenet_ab_files,
+        read_coco_ab,
+        read_imagenet_ab,
+    )
 
     _reset_peak_rss()
     base = _status_mb("VmRSS")
@@ -82,6 +89,8 @@ def _measure(task, path, n_jobs):
         n = len(read_imagenet_ab(path, traces=False))
     elif task == "xml_parallel":
         n = len(read_imagenet_ab(path, n_jobs=n_jobs, chunk_size=500))
+    elif task == "xml_parallel_chunks":
+        n = sum(len(chunk) for chunk in iter_imagenet_ab_chunks(path, n_jobs=n_jobs, chunk_size=500))
     elif task == "json_load":
         with open(path, encoding="utf-8") as f:
             n = len(json.load(f))
@@ -150,7 +159,8 @@ def main(argv=None):
               f"{json_size_mb:.1f} MB JSON of {n_records} records in {took:.0f} s", flush=True)
         load_before = os.getloadavg()
         results = {}
-        for task in ("xml_reference", "xml_serial", "xml_serial_no_traces", "xml_parallel"):
+        for task in ("xml_reference", "xml_serial", "xml_serial_no_traces", "xml_parallel",
+                     "xml_parallel_chunks"):
             results[task] = run_task(task, xml_dir, args.n_jobs, args.repeats)
             print(task, results[task], flush=True)
         coco_tasks = ["json_load", "coco_stream", "coco_read"]
@@ -172,6 +182,7 @@ def main(argv=None):
     for task, peer in (
         ("xml_reference", "xml_reference"), ("xml_serial", "xml_reference"),
         ("xml_serial_no_traces", "xml_reference"), ("xml_parallel", "xml_reference"),
+        ("xml_parallel_chunks", "xml_reference"),
         ("json_load", "json_load"), ("ijson_items", "json_load"), ("coco_stream", "json_load"),
         ("coco_read", "json_load"),
     ):
@@ -182,7 +193,7 @@ def main(argv=None):
             **r,
             "peer": peer,
             "rate_wall": r["n"] / r["wall_s"],
-            "rate_cpu": None if task == "xml_parallel" else r["n"] / r["cpu_s"],
+            "rate_cpu": None if task.startswith("xml_parallel") else r["n"] / r["cpu_s"],
             "speed_vs_peer": p["wall_s"] / r["wall_s"],
             "mb_per_s": (json_size_mb / r["wall_s"]) if task in coco_tasks else None,
         })
@@ -210,7 +221,8 @@ def main(argv=None):
         "xml_reference": "reference loader (stdlib ET, clicks only)",
         "xml_serial": "read_imagenet_ab, 1 process",
         "xml_serial_no_traces": "read_imagenet_ab traces=False, 1 process",
-        "xml_parallel": f"read_imagenet_ab n_jobs={args.n_jobs}",
+        "xml_parallel": f"read_imagenet_ab n_jobs={args.n_jobs} (all records kept)",
+        "xml_parallel_chunks": f"iter_imagenet_ab_chunks n_jobs={args.n_jobs} (stream)",
         "json_load": "json.load (whole file)",
         "ijson_items": "ijson.items (yajl2_c), no records",
         "coco_stream": "iter_coco_ab traces=False (stream)",
