@@ -198,6 +198,7 @@ def run_study(
     pretrained=DEFAULT_PRETRAINED,
     cache_dir=None,
     output_dir=None,
+    output_name="luab_study",
     plots=True,
     min_decodability=0.9,
     data_seed=0,
@@ -227,8 +228,11 @@ def run_study(
     cache_dir : str or None, default=None
         Embedding cache of the extractor: a rerun reads the features from disk.
     output_dir : str or None, default=None
-        Where to write ``luab_study.md``, ``luab_study.json``, ``luab_study_weights.png`` and
-        ``luab_study_attention.png``; None writes nothing.
+        Where to write ``<output_name>.md``, ``.json``, ``_weights.png`` (validation accuracy against the
+        byproduct weight) and ``_attention.png`` (attention maps without Z, with Z and with shuffled Z on
+        minority-group test scenes); None writes nothing.
+    output_name : str, default="luab_study"
+        Stem of the output files.
     plots : bool, default=True
         Draw the plots (needs matplotlib) when ``output_dir`` is set.
     min_decodability : float, default=0.9
@@ -273,6 +277,7 @@ def run_study(
     params = {**DEFAULT_LUAB_PARAMS, **(luab_params or {})}
     log = print if verbose else (lambda *a, **k: None)
     timings = {}
+    start = time.perf_counter()
 
     t0 = time.perf_counter()
     extractor = FeatureExtractor(
@@ -400,6 +405,7 @@ def run_study(
         "luab_params": params,
         "grid": list(grid),
     }
+    timings["total_s"] = time.perf_counter() - start
     markdown = _markdown(table, meta)
     log("\n" + markdown)
     result = Bunch(
@@ -413,13 +419,14 @@ def run_study(
         timings=timings,
     )
     if output_dir is not None:
-        result.files = _write_outputs(Path(output_dir), result, meta, test, maps, plots, crop_box)
+        files = _write_outputs(Path(output_dir), output_name, result, meta, test, maps, plots, crop_box)
+        result.files = files
     return result
 
 
-def _write_outputs(out, result, meta, test, maps, plots, crop_box):
+def _write_outputs(out, name, result, meta, test, maps, plots, crop_box):
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / "luab_study.md", out / "luab_study.json"]
+    files = [out / f"{name}.md", out / f"{name}.json"]
     files[0].write_text("# LUAB study: spurious backgrounds, frozen features\n\n" + result.markdown)
     cv = result.cv_results
     record = {
@@ -441,7 +448,7 @@ def _write_outputs(out, result, meta, test, maps, plots, crop_box):
         ax.set_ylabel("validation accuracy (group-balanced)")
         ax.set_title("LUAB attention probe: accuracy vs byproduct weight")
         ax.figure.tight_layout()
-        files.append(out / "luab_study_weights.png")
+        files.append(out / f"{name}_weights.png")
         ax.figure.savefig(files[-1], dpi=120)
         minority = np.flatnonzero(test.y != test.background)[:6]
         shown = {
@@ -457,6 +464,6 @@ def _write_outputs(out, result, meta, test, maps, plots, crop_box):
             boxes=test.boxes_seen[minority],
             titles=[test.class_names[c] for c in test.y[minority]],
         )
-        files.append(out / "luab_study_attention.png")
+        files.append(out / f"{name}_attention.png")
         fig.savefig(files[-1], dpi=100)
     return [str(f) for f in files]
