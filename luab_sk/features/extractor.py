@@ -362,7 +362,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                         x = x.to(memory_format=torch.channels_last)
                     out = model(x, outputs=self._outputs())
                     if proj is not None:
-                        out["tokens"] = out["tokens"].float() @ proj
+                        with torch.autocast(device.type, enabled=False):  # project in float32
+                            out["tokens"] = out["tokens"].float() @ proj
                     arrays = {k: v.float().cpu().numpy().astype(np_dtype, copy=False) for k, v in out.items()}
                     keep = ok.numpy().astype(bool)
                     for p in np.asarray(batch_pos)[~keep]:
