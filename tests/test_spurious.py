@@ -56,7 +56,9 @@ def test_missing_rate_and_traces(scenes):
 
 
 def test_benchmark_splits_train_spurious_test_balanced():
-    splits = make_spurious_benchmark(100, 40, 400, image_size=32, random_state=0, classes=("faces", "nonfaces"))
+    splits = make_spurious_benchmark(
+        100, 40, 400, image_size=32, random_state=0, classes=("faces", "nonfaces")
+    )
     train, test = splits["train"], splits["test"]
     assert np.mean(train.background == train.y) > 0.9
     counts = np.bincount(test.group, minlength=4)
