@@ -388,3 +388,10 @@ def test_other_backbone_families(backbone, size, grid):
     assert ft.grid_shape_ == grid and ft.attention_maps(X).shape == (4, *grid)
     trainable = [p.requires_grad for group in ft.model_.backbone_groups for p in group]
     assert any(trainable) and not all(trainable)
+
+
+def test_verbose_reports_progress(capsys):
+    X, y, Z = make_scenes(4)
+    tiny(verbose=1).fit(X, y, Z=Z)
+    captured = capsys.readouterr()
+    assert "Epoch 1: loss" in captured.out and "epoch 1/1" in captured.err
