@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.base import clone
 
 from luab_sk.estimators.knn import KNNByproductImputer
@@ -173,3 +175,27 @@ def test_bad_inputs_raise_precise_errors():
         imputer.transform(rng.normal(size=(5, 4)), np.full((5, 2), np.nan))
     with pytest.raises(ValueError, match="Z has 3 columns but the imputer was fitted on 2"):
         imputer.transform(X, np.full((20, 3), np.nan))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n_neighbors=st.integers(1, 4),
+    weights=st.sampled_from(["uniform", "distance", "temperature"]),
+    metric=st.sampled_from(["cosine", "l2"]),
+)
+def test_property_observed_kept_and_fills_are_convex(seed, n_neighbors, weights, metric):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(25, 4))
+    Z = rng.random((25, 3))
+    Z[rng.random(25) < 0.4] = np.nan
+    Z[rng.random((25, 3)) < 0.1] = np.nan  # some partially missing rows
+    Z[:n_neighbors] = rng.random((n_neighbors, 3))  # enough annotated rows
+    imputer = KNNByproductImputer(n_neighbors=n_neighbors, weights=weights, metric=metric)
+    filled, mask = imputer.fit_transform(X, Z, return_mask=True)
+    np.testing.assert_array_equal(mask, np.isnan(Z).all(axis=1))
+    np.testing.assert_array_equal(filled[~mask], Z[~mask])
+    low, high = np.nanmin(Z, axis=0), np.nanmax(Z, axis=0)
+    rows = filled[mask]
+    ok = np.isnan(rows) | ((rows >= low - 1e-12) & (rows <= high + 1e-12))
+    assert ok.all()
