@@ -129,8 +129,6 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
         Z = check_array(Z, dtype=np.float64, ensure_all_finite="allow-nan", input_name="Z")
         if len(Z) != n_samples:
             raise ValueError(f"Z has {len(Z)} rows but X has {n_samples} samples; they must match.")
-        if np.isinf(Z).any():
-            raise ValueError("Z contains infinite values; mark missing byproducts with NaN.")
         return Z
 
     def fit(self, X, y, Z=None):
@@ -246,7 +244,8 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
         -------
         ndarray of shape (n_samples,)
         """
-        return self.classes_[self._logits(X).argmax(axis=1)]
+        logits = self._logits(X)
+        return self.classes_[logits.argmax(axis=1)]
 
 
 def _softmax(logits):
