@@ -312,7 +312,8 @@ def test_unfitted_estimator_raises():
 
 
 # ------------------------------------------------------------------------------------ bad input
-def test_corrupt_image_file_is_named(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_corrupt_image_file_is_named(tmp_path, num_workers):
     X, y, Z = make_scenes(4)
     paths = []
     for i, img in enumerate(X):
@@ -320,7 +321,7 @@ def test_corrupt_image_file_is_named(tmp_path):
         Image.fromarray(img).save(paths[-1])
     (tmp_path / "2.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(ImageLoadError, match="2.png"):
-        tiny().fit(paths, y, Z=Z)
+        tiny(num_workers=num_workers).fit(paths, y, Z=Z)
 
 
 @pytest.mark.parametrize(
