@@ -46,10 +46,12 @@ MODES = {"frozen probe": "frozen", "fine-tuned": "full"}
 def run_seed(seed, args):
     splits = make_spurious_benchmark(
         args.n_train,
-        2,
+        2,  # the validation split is not used
         args.n_test,
+        correlation=args.correlation,
+        object_scale=tuple(args.object_scale),
         image_size=args.image_size,
-        random_state=seed,  # val split unused
+        random_state=seed,
     )
     train, test = splits["train"], splits["test"]
     shuffled = np.random.default_rng(seed).permutation(train.Z)
@@ -99,6 +101,10 @@ def main(argv=None):
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--correlation", type=float, default=0.95, help="training background agreement")
+    parser.add_argument(
+        "--object-scale", type=float, nargs=2, default=(0.3, 0.45), help="object side / image side range"
+    )
     parser.add_argument("--layer", type=int, default=3, help="backbone stage feeding the attention head")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -131,8 +137,10 @@ def main(argv=None):
         "# LUABFineTuner on spurious backgrounds: no Z vs Z vs shuffled Z, frozen probe vs fine-tuned",
         "",
         f"EfficientNet-Lite0 (ImageNet, offline weights), attention head on stage {args.layer}, heatmap "
-        f"loss, byproduct_weight={args.byproduct_weight}; {args.n_train} training scenes (95% "
-        f"background-label agreement), {args.n_test} balanced test scenes, {args.image_size} px, "
+        f"loss, byproduct_weight={args.byproduct_weight}; {args.n_train} training scenes "
+        f"({100 * args.correlation:.0f}% background-label agreement, objects "
+        f"{args.object_scale[0]}-{args.object_scale[1]} of the image side), {args.n_test} balanced test "
+        f"scenes, {args.image_size} px, "
         f"{args.epochs} epochs, batch {args.batch_size}, lr {args.learning_rate}; CPU, {args.threads} "
         f"thread(s). Medians over {args.seeds} seeds (per-seed values in the json).",
         "",
