@@ -200,3 +200,12 @@ def test_bad_params_and_inputs(params, images, match):
     fe = FeatureExtractor(TINY, pretrained=None, **params)
     with pytest.raises(ValueError, match=match):
         fe.transform(make_images(2) if images is None else images)
+
+
+def test_package_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, luab_sk.features; print(sorted(m for m in ('open_clip', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -189,6 +189,11 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     cache_key_ : str or None
         The key of this configuration's store in ``cache_dir``.
 
+    See Also
+    --------
+    luab_sk.features.load_backbone : the backbones and their ``layer`` levels.
+    luab_sk.features.cache_info, luab_sk.features.clear_cache : inspect and empty a cache directory.
+
     Examples
     --------
     >>> import numpy as np, tempfile
