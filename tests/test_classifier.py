@@ -232,3 +232,26 @@ def test_bad_x_y_and_params_are_rejected(data):
             LUABClassifier(**params).fit(X, y, Z=Z)
     with pytest.raises(ValueError, match="attention_maps needs head='attention'"):
         clf.attention_maps(X)
+
+
+def test_warm_start_continues_and_checks_the_refit(data):
+    X, y, Z, _, _ = data
+    clf = _fit(X, y, Z, warm_start=True, max_iter=10)
+    first_curve = clf.loss_curve_
+    module = clf.module_
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
+        clf.fit(X, y, Z=Z)
+    assert clf.module_ is module and clf.loss_curve_[0] < first_curve[0]
+    assert clf.loss_curve_[-1] <= first_curve[-1]
+    with pytest.raises(
+        ValueError, match="warm_start=True: Z has 3 columns, but the model fitted before takes 8"
+    ):
+        clf.fit(X, y, Z=Z[:, :3])
+    with pytest.raises(ValueError, match="warm_start=True needs the classes of the previous fit"):
+        clf.fit(X, y % 3, Z=Z)
+    with pytest.raises(ValueError, match="X has 127 features"):
+        clf.fit(X[:, :-1], y, Z=Z)
+    # Without warm_start every fit starts afresh, whatever Z's width was before.
+    clf.set_params(warm_start=False, max_iter=200).fit(X, y, Z=Z[:, :3])
+    assert clf.n_byproducts_ == 3 and clf.module_ is not module

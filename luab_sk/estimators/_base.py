@@ -23,6 +23,8 @@ __all__ = [
     "LabelEncoding",
     "LUABClassifierMixin",
     "check_byproducts",
+    "check_click_points",
+    "check_warm_start",
     "drop_unusable_byproducts",
     "encode_labels",
     "nan_standardization",
@@ -154,6 +156,81 @@ def drop_unusable_byproducts(Z: np.ndarray | None, byproduct_weight: float, *, n
         )
         return None
     return Z
+
+
+def check_click_points(Z: np.ndarray, n_outputs: int, *, name: str = "Z") -> None:
+    """Check byproducts meant for an attention head: click points (x, y) in [0, 1].
+
+    Parameters
+    ----------
+    Z : ndarray of shape (n_samples, 2) or (n_samples, 2 * n_outputs)
+        One point per sample, or one per class; NaN = missing.
+    n_outputs : int
+        Label outputs of the model (1 for a binary task).
+    name : str, default="Z"
+
+    Raises
+    ------
+    ValueError
+        On another width, or an observed coordinate outside [0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> check_click_points(np.array([[0.2, 0.9], [np.nan, np.nan]]), n_outputs=3)
+    >>> check_click_points(np.zeros((2, 3)), n_outputs=3)
+    Traceback (most recent call last):
+    ...
+    ValueError: head='attention' needs Z of click points (n_samples, 2) or one point per class ...
+    """
+    width = Z.shape[1]
+    if width != 2 and not (n_outputs > 1 and width == 2 * n_outputs):
+        raise ValueError(
+            f"head='attention' needs {name} of click points (n_samples, 2) or one point per class "
+            f"(n_samples, {2 * n_outputs}); got {width} columns."
+        )
+    observed = Z[~np.isnan(Z)]
+    if observed.size and (observed.min() < 0 or observed.max() > 1):
+        raise ValueError(
+            f"head='attention' needs {name} points (x, y) in [0, 1] image coordinates (NaN = missing)."
+        )
+
+
+def check_warm_start(estimator, labels: LabelEncoding, Z: np.ndarray | None, *, name: str = "Z") -> None:
+    """Check that a warm-started fit sees the classes and byproduct layout of the previous fit.
+
+    Parameters
+    ----------
+    estimator : fitted estimator
+        With ``classes_``, ``task_``, ``n_byproducts_`` and ``head``.
+    labels : LabelEncoding
+        The new targets.
+    Z : ndarray or None
+        The new (usable) byproducts.
+    name : str, default="Z"
+
+    Raises
+    ------
+    ValueError
+        When the classes differ, or Z's width does not fit the byproduct head built by the first fit
+        (pooled heads: the same number of columns; attention: a single map or the same per-class maps).
+    """
+    if not np.array_equal(labels.classes, estimator.classes_) or labels.task != estimator.task_:
+        raise ValueError(
+            f"warm_start=True needs the classes of the previous fit {estimator.classes_.tolist()}, "
+            f"got {labels.classes.tolist()}."
+        )
+    width = 0 if Z is None else Z.shape[1]
+    fitted = estimator.n_byproducts_
+    if estimator.head == "attention":
+        allowed = (0, fitted) if fitted > 2 else (0, 2)
+    else:
+        allowed = (fitted,)
+    if width not in allowed:
+        raise ValueError(
+            f"warm_start=True: {name} has {width} columns, but the model fitted before takes "
+            f"{' or '.join(map(str, sorted(set(allowed))))}."
+        )
 
 
 class LabelEncoding(NamedTuple):

@@ -21,6 +21,8 @@ from ..nn import build_head, label_loss, multitask_loss
 from ._base import (
     LUABClassifierMixin,
     check_byproducts,
+    check_click_points,
+    check_warm_start,
     drop_unusable_byproducts,
     encode_labels,
     nan_standardization,
@@ -113,6 +115,9 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         :class:`~luab_sk.estimators.knn.KNNByproductImputer` (tokens are mean-pooled for the search).
     n_impute_neighbors : int, default=5
         Neighbours of the kNN imputer.
+    warm_start : bool, default=False
+        Continue training the fitted head for up to ``max_iter`` more iterations (a new optimiser), with
+        the input scaling of the first fit. The classes and Z's columns must match the first fit.
     device : str, default="auto"
         ``"auto"`` uses CUDA when available.
     random_state : int, RandomState instance or None, default=None
@@ -182,6 +187,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         standardize=True,
         impute_byproducts=None,
         n_impute_neighbors=5,
+        warm_start=False,
         device="auto",
         random_state=None,
         verbose=0,
@@ -209,6 +215,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.standardize = standardize
         self.impute_byproducts = impute_byproducts
         self.n_impute_neighbors = n_impute_neighbors
+        self.warm_start = warm_start
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
@@ -234,45 +241,50 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         """
         self._check_params()
         attention = self.head == "attention"
+        warm = bool(self.warm_start) and hasattr(self, "module_")
         X, y = validate_data(
-            self, X, y, allow_nd=attention, dtype=np.float32, multi_output=True, ensure_min_samples=2
+            self,
+            X,
+            y,
+            reset=not warm,
+            allow_nd=attention,
+            dtype=np.float32,
+            multi_output=True,
+            ensure_min_samples=2,
         )
         self._check_x_rank(X)
         check_classification_targets(y)
         labels = encode_labels(y)
-        self.classes_, self.task_ = labels.classes, labels.task
         n_outputs = 1 if labels.task == "binary" else labels.classes.size
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float32)
         Z = check_byproducts(Z, X.shape[0])
+        if Z is not None and attention:
+            check_click_points(Z, n_outputs)
+        Z = drop_unusable_byproducts(Z, self.byproduct_weight)
         seed = seed_from(self.random_state)
         device = resolve_device(self.device)
 
-        X = self._fit_input_transform(X, seed)
-        if Z is not None and attention:
-            self._check_points(Z, n_outputs)
-        Z = drop_unusable_byproducts(Z, self.byproduct_weight)
+        if warm:
+            check_warm_start(self, labels, Z)
+            X = self._transform_input(self._check_tokens(X))
+        else:
+            self.classes_, self.task_ = labels.classes, labels.task
+            X = self._fit_input_transform(X, seed)
         if Z is not None and self.impute_byproducts == "knn":
             Z = self._impute(X, Z)
-        self.n_byproducts_ = 0 if Z is None else Z.shape[1]
-        if Z is not None and not attention and self.standardize:
-            self.z_mean_, self.z_scale_ = (a.astype(np.float32) for a in nan_standardization(Z))
+        if not warm:
+            self.n_byproducts_ = 0 if Z is None else Z.shape[1]
+            if Z is not None and not attention and self.standardize:
+                self.z_mean_, self.z_scale_ = (a.astype(np.float32) for a in nan_standardization(Z))
+            else:
+                self.z_mean_ = self.z_scale_ = None
+        if Z is not None and self.z_scale_ is not None:
             Z = (Z - self.z_mean_) / self.z_scale_
-        else:
-            self.z_mean_ = self.z_scale_ = None
 
-        with torch_seeded(seed, device):
-            self.module_ = build_head(
-                self.head,
-                X.shape[-1],
-                n_outputs,
-                0 if attention else self.n_byproducts_,
-                hidden_size=self.hidden_size,
-                n_layers=self.n_layers,
-                grid_shape=self.grid_shape_ if attention else None,
-                n_heads=self.n_heads,
-                per_class_maps=attention and self.n_byproducts_ > 2,
-                glimpse=self.glimpse,
-            ).to(device)
+        if not warm:
+            self._build(X.shape[-1], n_outputs, seed, device)
+        else:
+            self.module_.to(device)
 
         data = [
             _tensor(X, device),
@@ -285,7 +297,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         validation = None
         if self.early_stopping:
             train_index, val_index = (torch.as_tensor(i, device=device) for i in self._split(labels, seed))
-            x_all, y_all, z_all, w_all = data
+            x_all, y_all, _, w_all = data
             validation = ([x_all[val_index], y_all[val_index], w_all[val_index]], self._validation_score)
             data = [None if t is None else t[train_index] for t in data]
         solver = self._resolve_solver(X)
@@ -316,6 +328,22 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 stacklevel=2,
             )
         return self
+
+    def _build(self, width, n_outputs, seed, device):
+        attention = self.head == "attention"
+        with torch_seeded(seed, device):
+            self.module_ = build_head(
+                self.head,
+                width,
+                n_outputs,
+                0 if attention else self.n_byproducts_,
+                hidden_size=self.hidden_size,
+                n_layers=self.n_layers,
+                grid_shape=self.grid_shape_ if attention else None,
+                n_heads=self.n_heads,
+                per_class_maps=attention and self.n_byproducts_ > 2,
+                glimpse=self.glimpse,
+            ).to(device)
 
     def _objective(self, module, x, y, z, w):
         return multitask_loss(
@@ -386,6 +414,13 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 f"head='attention' needs X of tokens with shape (n_samples, L, C), got shape {X.shape}."
             )
 
+    def _check_tokens(self, X):
+        if self.head == "attention" and X.shape[1:] != self.token_shape_:
+            raise ValueError(
+                f"X has tokens of shape {X.shape[1:]}, but LUABClassifier was fitted on {self.token_shape_}."
+            )
+        return X
+
     def _fit_input_transform(self, X, seed):
         """Learn and apply the input scaling (and, for tokens, the grid and PCA)."""
         if self.head != "attention":
@@ -419,19 +454,6 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             return ((X - self.x_mean_) / self.x_scale_).astype(np.float32)
         return X
 
-    def _check_points(self, Z, n_outputs):
-        width = Z.shape[1]
-        if width != 2 and not (n_outputs > 1 and width == 2 * n_outputs):
-            raise ValueError(
-                f"head='attention' needs Z of click points (n_samples, 2) or one point per class "
-                f"(n_samples, {2 * n_outputs}); got {width} columns."
-            )
-        observed = Z[~np.isnan(Z)]
-        if observed.size and (observed.min() < 0 or observed.max() > 1):
-            raise ValueError(
-                "head='attention' needs Z points (x, y) in [0, 1] image coordinates (NaN = missing)."
-            )
-
     def _impute(self, X, Z):
         from .knn import KNNByproductImputer  # a sibling estimator, imported only when asked for
 
@@ -450,11 +472,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, allow_nd=self.head == "attention", dtype=np.float32)
         self._check_x_rank(X)
-        if self.head == "attention" and X.shape[1:] != self.token_shape_:
-            raise ValueError(
-                f"X has tokens of shape {X.shape[1:]}, but LUABClassifier was fitted on {self.token_shape_}."
-            )
-        X = self._transform_input(X)
+        X = self._transform_input(self._check_tokens(X))
         device = resolve_device(self.device)
         module = self.module_.to(device).eval()
         with torch.inference_mode():
