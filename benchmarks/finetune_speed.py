@@ -9,8 +9,10 @@ For every backbone, three configurations run in their own fresh process (so peak
   AdamW, the same autocast and memory format) on ready-made tensors already on the device, i.e. the cost
   of the backbone alone with no data pipeline and no byproduct head.
 
-Throughput is the median over ``--repeats`` timed epochs (after one warm-up epoch) of
-images / epoch time; ratios are ours / plain loop, measured in the same run on the same machine.
+Throughput is the median over ``--repeats`` timed epochs (after one warm-up epoch) of images / epoch time,
+in wall time and in CPU time of the process; ratios are ours / plain loop, measured in the same run on the
+same machine, on CPU time for CPU runs without DataLoader workers (robust to other jobs on a shared machine:
+the run uses one thread) and on wall time otherwise.
 Peak memory is the process's peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA.
 
 Usage::
@@ -55,6 +57,34 @@ def _images(n, size, seed=0):
     return X, np.arange(n) % 2, rng.uniform(0.1, 0.9, size=(n, 2)).astype(np.float32)
 
 
+class _EpochClock:
+    """Wall and CPU time of every epoch (CPU time is robust to other jobs on a shared machine)."""
+
+    def __init__(self, device):
+        self.device, self.wall, self.cpu = device, [], []
+
+    def __enter__(self):
+        _sync(self.device)
+        self._start = (time.perf_counter(), time.process_time())
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        self.wall.append(time.perf_counter() - self._start[0])
+        self.cpu.append(time.process_time() - self._start[1])
+
+    def summary(self, n_images):
+        """Medians over the epochs after the first (warm-up) one."""
+        wall, cpu = self.wall[1:], self.cpu[1:]
+        return {
+            "images_per_s": n_images / statistics.median(wall),
+            "images_per_cpu_s": n_images / statistics.median(cpu),
+            "epoch_s": wall,
+            "epoch_cpu_s": cpu,
+            "peak_mb": _peak_memory_mb(self.device),
+        }
+
+
 def _peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -68,16 +98,12 @@ def measure_finetuner(cfg):
     from luab_sk.estimators.finetune import LUABFineTuner
 
     device = resolve_device(cfg["device"])
-    epoch_times = []
+    clock = _EpochClock(device)
 
     class Timed(LUABFineTuner):
         def _train_epoch(self, *args, **kwargs):
-            _sync(device)
-            start = time.perf_counter()
-            loss = super()._train_epoch(*args, **kwargs)
-            _sync(device)
-            epoch_times.append(time.perf_counter() - start)
-            return loss
+            with clock:
+                return super()._train_epoch(*args, **kwargs)
 
     n = cfg["batch_size"] * cfg["steps"]
     X, y, Z = _images(n, cfg["image_size"])
@@ -97,12 +123,7 @@ def measure_finetuner(cfg):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ft.fit(X, y, Z=Z)
-    timed = epoch_times[1:]
-    return {
-        "images_per_s": n / statistics.median(timed),
-        "epoch_s": timed,
-        "peak_mb": _peak_memory_mb(device),
-    }
+    return clock.summary(n)
 
 
 def measure_plain(cfg):
@@ -130,26 +151,18 @@ def measure_plain(cfg):
     use_amp = cfg["amp"] is True or (cfg["amp"] == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    epoch_times = []
+    clock = _EpochClock(device)
     for _ in range(1 + cfg["repeats"]):
-        _sync(device)
-        start = time.perf_counter()
-        for images, labels in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                logits = head(backbone(images, outputs=("pooled",))["pooled"])
-            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-        _sync(device)
-        epoch_times.append(time.perf_counter() - start)
-    timed = epoch_times[1:]
-    return {
-        "images_per_s": b * cfg["steps"] / statistics.median(timed),
-        "epoch_s": timed,
-        "peak_mb": _peak_memory_mb(device),
-    }
+        with clock:
+            for images, labels in batches:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    logits = head(backbone(images, outputs=("pooled",))["pooled"])
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+    return clock.summary(b * cfg["steps"])
 
 
 def isolated(fn, cfg):
@@ -159,7 +172,10 @@ def isolated(fn, cfg):
 
 
 def report(backbone, method, result):
-    print(f"{backbone:28s} {method:38s} {result['images_per_s']:8.1f} img/s  {result['peak_mb']:8.0f} MB")
+    print(
+        f"{backbone:28s} {method:38s} {result['images_per_s']:8.1f} img/s {result['images_per_cpu_s']:8.1f} "
+        f"img/CPU-s {result['peak_mb']:8.0f} MB"
+    )
 
 
 def main(argv=None):
@@ -193,6 +209,8 @@ def main(argv=None):
     steps = args.steps or steps
     workers = workers if args.num_workers is None else args.num_workers
 
+    # On a shared CPU, wall time depends on the other jobs; CPU time (1 thread, no workers) does not.
+    rate = "images_per_s" if args.gpu or workers else "images_per_cpu_s"
     rows = []
     for backbone in backbones:
         cnn = not backbone.startswith("open_clip:ViT")
@@ -214,9 +232,7 @@ def main(argv=None):
             ("LUABFineTuner, frozen", "frozen"),
         ]:
             ours = isolated(measure_finetuner, dict(base, trainable_layers=layers))
-            rows.append(
-                dict(base, method=name, ratio_vs_plain=ours["images_per_s"] / plain["images_per_s"], **ours)
-            )
+            rows.append(dict(base, method=name, ratio_vs_plain=ours[rate] / plain[rate], **ours))
             report(backbone, name, ours)
         rows.append(dict(base, method="plain torch loop (peer)", ratio_vs_plain=1.0, **plain))
         report(backbone, "plain torch loop (peer)", plain)
@@ -236,19 +252,21 @@ def main(argv=None):
         f"{args.threads} thread(s))",
         "",
         f"Machine: {multiprocessing.cpu_count()} cores shared with other jobs (1-min load average "
-        f"{os.getloadavg()[0]:.1f} at the end of the run), so absolute numbers are noisy; the ratios compare "
-        "configurations measured in the same run.",
+        f"{os.getloadavg()[0]:.1f} at the end of the run), so wall-time numbers are noisy; the ratios "
+        "compare configurations measured in the same run.",
         "",
         f"Batch {batch}, {size} px, {steps} batches per epoch, median of {args.repeats} epochs after a "
         f"warm-up epoch; AMP {'bf16' if device == 'cuda' else 'off'}; DataLoader workers {workers}.",
         "",
-        "| backbone | method | images/s | ratio vs plain loop | peak memory (MB) |",
-        "|---|---|---:|---:|---:|",
+        f"Ratios use {'wall' if rate == 'images_per_s' else 'CPU'} time.",
+        "",
+        "| backbone | method | images/s (wall) | images per CPU-s | ratio vs plain loop | peak memory (MB) |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['backbone']} | {r['method']} | {r['images_per_s']:.1f} | {r['ratio_vs_plain']:.2f} | "
-            f"{r['peak_mb']:.0f} |"
+            f"| {r['backbone']} | {r['method']} | {r['images_per_s']:.1f} | {r['images_per_cpu_s']:.1f} | "
+            f"{r['ratio_vs_plain']:.2f} | {r['peak_mb']:.0f} |"
         )
     if not args.gpu:
         lines += [
