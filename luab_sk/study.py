@@ -100,9 +100,12 @@ def check_decodability(
     return float(cross_val_score(probe, X, y, cv=folds, scoring="balanced_accuracy").mean())
 
 
-def _backbone_frame(splits, backbone, pretrained, image_size):
-    """Clicks and boxes in the coordinates of what the backbone sees (its eval transform centre-crops)."""
-    crop = load_backbone(backbone, None).data_config.get("crop_pct", 1.0) if pretrained else 1.0
+def _backbone_frame(splits, backbone, image_size):
+    """Clicks and boxes in the coordinates of what the backbone sees (its eval transform centre-crops).
+
+    Adds ``Z_seen`` and ``boxes_seen`` to every split and returns the crop box (left, top, width, height).
+    """
+    crop = load_backbone(backbone, None).data_config.get("crop_pct", 1.0)  # the architecture's, any weights
     left, top, width, height = center_crop_box((image_size, image_size), crop_fraction=crop)
     lo = np.array([left, top, left, top]) / image_size
     hi = np.array([left + width, top + height] * 2) / image_size
@@ -196,6 +199,7 @@ def run_study(
     luab_params=None,
     backbone=DEFAULT_BACKBONE,
     pretrained=DEFAULT_PRETRAINED,
+    token_dim=256,
     cache_dir=None,
     output_dir=None,
     output_name="luab_study",
@@ -225,6 +229,9 @@ def run_study(
         :data:`DEFAULT_LUAB_PARAMS` (attention head, heatmap loss on the clicks).
     backbone, pretrained : str
         Feature extractor backbone (default: ImageNet EfficientNet-Lite0, offline).
+    token_dim : int or None, default=256
+        Width of the cached patch tokens (a fixed random orthogonal projection of the extractor, done once;
+        the attention probes then reduce further with a PCA). None keeps the backbone's width.
     cache_dir : str or None, default=None
         Embedding cache of the extractor: a rerun reads the features from disk.
     output_dir : str or None, default=None
@@ -281,7 +288,7 @@ def run_study(
 
     t0 = time.perf_counter()
     extractor = FeatureExtractor(
-        backbone, pretrained, output="both", cache_dir=cache_dir, batch_size=batch_size
+        backbone, pretrained, output="both", token_dim=token_dim, cache_dir=cache_dir, batch_size=batch_size
     )
     decodability = check_decodability(
         extractor, classes=classes, image_size=image_size, random_state=data_seed
@@ -309,7 +316,7 @@ def run_study(
         missing_rate=missing_rate,
         image_size=image_size,
     )
-    crop_box = _backbone_frame(splits, backbone, pretrained, image_size)
+    crop_box = _backbone_frame(splits, backbone, image_size)
     feats = {name: extractor.transform(split.images) for name, split in splits.items()}
     grid = extractor.grid_
     timings["extract_s"] = time.perf_counter() - t0
@@ -371,9 +378,9 @@ def run_study(
         }
         run = {}
         for method, (model, X, Z) in candidates.items():
-            start = time.perf_counter()
+            fit_start = time.perf_counter()
             model.fit(X["train"], train.y) if Z is None else model.fit(X["train"], train.y, Z=Z)
-            fit_s = time.perf_counter() - start
+            fit_s = time.perf_counter() - fit_start
             attention = model.attention_maps(X["test"]) if isinstance(model, LUABClassifier) else None
             run[method] = {**_evaluate(model, X["test"], test, attention), "fit_s": fit_s}
             if seed == seeds[0] and attention is not None:
@@ -403,6 +410,7 @@ def run_study(
         "backbone": backbone,
         "pretrained": pretrained,
         "luab_params": params,
+        "token_dim": token_dim,
         "grid": list(grid),
     }
     timings["total_s"] = time.perf_counter() - start
