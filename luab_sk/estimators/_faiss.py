@@ -182,7 +182,8 @@ class NeighborIndex:
     nlist : int or None
         IVF lists; None picks ``min(4 * sqrt(n), n // 39)`` (faiss wants 39 training rows per list).
     nprobe : int or None
-        IVF lists visited per query; None picks ``max(1, nlist // 16)``.
+        IVF lists visited per query; None picks ``round(sqrt(nlist))`` (about 3% of 100k rows in 1264
+        lists, 1.6% of 1M rows in 4000 lists).
     gpu_id : int or None
         GPU to place a search copy on (see :func:`index_to_gpu`), or None for the CPU.
     seed : int
@@ -220,7 +221,7 @@ class NeighborIndex:
             self.index = faiss.IndexIVFFlat(quantizer, d, int(nlist), faiss_metric)
             self.index.cp.seed = int(seed)
             self.index.train(rows)
-            self.index.nprobe = int(nprobe) if nprobe is not None else max(1, int(nlist) // 16)
+            self.index.nprobe = int(nprobe) if nprobe is not None else max(1, round(math.sqrt(nlist)))
             # Re-scoring gathers neighbour vectors by id.
             self.index.make_direct_map()
         self.index.add(rows)

@@ -109,12 +109,16 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     temperature : float, default=0.07
         Temperature of ``weights="temperature"``, in units of the distance.
     index : {"auto", "flat", "ivf"}, default="auto"
-        ``"flat"``: exact search. ``"ivf"``: faiss ``IndexIVFFlat`` (approximate, much faster on large
-        databases). ``"auto"``: flat below 200,000 training rows, else IVF.
+        ``"flat"``: exact search. ``"ivf"``: faiss ``IndexIVFFlat`` (approximate; faster searches on large
+        databases, but ``fit`` trains k-means: about 30 s for 100k x 512 on one core).
+        ``"auto"``: flat below 200,000 training rows, else IVF.
     nlist : int, default=None
         IVF lists; None picks ``min(4 * sqrt(n), n // 39)``.
     nprobe : int, default=None
-        IVF lists visited per query; None picks ``max(1, nlist // 16)``. More is slower and more exact.
+        IVF lists visited per query; None picks ``round(sqrt(nlist))``. More is slower and more exact.
+        IVF search reads its lists row by row while exact search runs as matrix products, so for
+        batches of queries IVF only pays off when it visits well under 1/16 of the rows (see
+        ``benchmarks/results/knn_speed.md``).
     device : {"auto", "cpu", "cuda", "cuda:N"}, default="auto"
         ``"auto"`` searches on GPU 0 when ``faiss.get_num_gpus() > 0`` (the ``gpu`` extra), else on the CPU.
         A GPU copy that fails to build or search falls back to the CPU with one
