@@ -346,9 +346,11 @@ def test_json_list_stream_matches_json_loads(items, chunk_chars, indent):
         assert json.JSONDecoder().raw_decode(text, offset)[0] == value
 
 
-def test_json_list_stream_does_not_split_numbers():
-    items = list(_iter_json_list(io.StringIO("[12345, 678]"), chunk_chars=3, max_item_chars=100))
-    assert [v for _, _, v in items] == [12345, 678]
+@pytest.mark.parametrize("text", ["[12345, 678]", "[0.0]", "[1e-3,2E+5,-0.5]", "[0 ,1]", '[true, null, "x"]'])
+@pytest.mark.parametrize("chunk_chars", [1, 2, 3])
+def test_json_list_stream_does_not_split_numbers(text, chunk_chars):
+    items = list(_iter_json_list(io.StringIO(text), chunk_chars, max_item_chars=100))
+    assert [v for _, _, v in items] == json.loads(text)
 
 
 def test_coco_argument_errors(coco_file, tmp_path):

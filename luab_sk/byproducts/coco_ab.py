@@ -28,10 +28,15 @@ from ._records import (
 __all__ = ["iter_coco_ab", "read_coco_ab"]
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NUMBER_TAIL = frozenset("0123456789.eE+-")
 _KNOWN = {
     "image_id", "originalImageWidth", "originalImageHeight", "imageWidth", "imageHeight", "timeSpent",
     "worker_id", "hit_id", "page_id", "actionHistories", "categoryHistories", "mouseTracking",
 }  # fmt: skip
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class _StreamError(Exception):
@@ -73,7 +78,11 @@ def _iter_json_list(f, chunk_chars, max_item_chars):
         else:
             try:
                 value, end = raw_decode(buf, pos)
-                complete = end < len(buf) or eof  # a number cut at the buffer's end would decode short
+                # Trust the value once the next token is in the buffer, and is not the rest of a number
+                # cut by the buffer's end ("0." then "5", "1e" then "-3").
+                nxt = _WHITESPACE.match(buf, end).end()
+                cut_number = nxt == end < len(buf) and buf[end] in _NUMBER_TAIL and _is_number(value)
+                complete = eof or (nxt < len(buf) and not cut_number)
             except json.JSONDecodeError as exc:
                 if eof:
                     reason = f"record {index} is truncated or malformed: {exc.msg}"
