@@ -155,9 +155,11 @@ def test_per_class_points_give_per_class_maps():
     Z = np.full((9, 6), np.nan, np.float32)
     Z[np.arange(9), 2 * y] = 0.5
     Z[np.arange(9), 2 * y + 1] = 0.25
-    ft = tiny(byproduct_target="point").fit(X, y, Z=Z)
+    ft = tiny(byproduct_target="point", warm_start=True).fit(X, y, Z=Z)
     assert ft.attention_maps(X[:2]).shape == (2, 3, *ft.grid_shape_)
     assert ft.predict_byproducts(X[:2]).shape == (2, 6)
+    ft.fit(X, y)  # warm start without Z keeps the per-class maps, and so does a pickle round trip
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(ft)).attention_maps(X), ft.attention_maps(X))
 
 
 def test_pooled_head_learns_to_regress_the_points():
@@ -331,7 +333,7 @@ def test_corrupt_image_file_is_named(tmp_path, num_workers):
         (np.zeros((2, 4)), ValueError, "Z has 2 rows but X has 4 samples"),
         ({"x": [0.1] * 4}, TypeError, "dict"),
         (np.zeros((4, 3)), ValueError, "3 columns"),
-        (np.full((4, 2), 20.0), ValueError, "divide pixel coordinates"),
+        (np.full((4, 2), 20.0), ValueError, r"in \[0, 1\] image coordinates"),
     ],
 )
 def test_bad_z_is_rejected(Z, error, match):

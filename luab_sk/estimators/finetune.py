@@ -27,6 +27,8 @@ from ._augment import ImageByproductDataset, JointTransform
 from ._base import (
     LUABClassifierMixin,
     check_byproducts,
+    check_click_points,
+    check_warm_start,
     drop_unusable_byproducts,
     encode_labels,
     seed_from,
@@ -286,11 +288,11 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         n_outputs = 1 if labels.task == "binary" else labels.classes.size
         Z = check_byproducts(Z, len(X))
         if Z is not None:
-            _check_points(Z, n_outputs, self.head)
+            check_click_points(Z, n_outputs)
         Z = drop_unusable_byproducts(Z, self.byproduct_weight)
         continuing = self.warm_start and hasattr(self, "model_")
         if continuing:
-            self._check_warm_start(labels, Z)
+            check_warm_start(self, labels, Z)
         device = resolve_device(self.device)
         checkpoint = self._read_checkpoint(X, labels, Z, continuing)
         seed = checkpoint["seed"] if checkpoint is not None else seed_from(self.random_state)
@@ -299,7 +301,8 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.n_byproducts_ = 0 if Z is None else Z.shape[1]
         with torch_seeded(seed, device):
             if not continuing:
-                self.model_ = self._build_model(n_outputs, self.pretrained)
+                per_class = self.head == "attention" and self.n_byproducts_ > 2
+                self.model_ = self._build_model(n_outputs, self.pretrained, per_class_maps=per_class)
             model = self.model_.to(device)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
@@ -386,7 +389,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         return -total / seen
 
     # --------------------------------------------------------- construction
-    def _build_model(self, n_outputs, pretrained):
+    def _build_model(self, n_outputs, pretrained, *, per_class_maps=False):
         backbone = load_backbone(self.backbone, pretrained, layer=self.layer)
         self.image_size_ = int(self.image_size or backbone.data_config["input_size"][-1])
         self.data_mean_ = tuple(backbone.data_config["mean"])
@@ -416,7 +419,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             hidden_size=self.hidden_size,
             grid_shape=self.grid_shape_,
             n_heads=self.n_heads,
-            per_class_maps=self.head == "attention" and self.n_byproducts_ > 2,
+            per_class_maps=per_class_maps,
         )
         n_frozen = _n_frozen_groups(self.trainable_layers, len(groups))
         return _FineTuneNet(backbone, head, key, groups, n_frozen)
@@ -549,19 +552,6 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             or (self.num_workers < 0)
         ):
             raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}.")
-
-    def _check_warm_start(self, labels, Z):
-        if not np.array_equal(labels.classes, self.classes_) or labels.task != self.task_:
-            raise ValueError(
-                f"warm_start=True needs the classes of the previous fit {self.classes_.tolist()}, "
-                f"got {labels.classes.tolist()}."
-            )
-        width = 0 if Z is None else Z.shape[1]
-        if self.head != "attention" and width != self.n_byproducts_:
-            raise ValueError(
-                f"warm_start=True needs Z with {self.n_byproducts_} columns as in the previous fit, "
-                f"got {width}."
-            )
 
     # ---------------------------------------------------------- checkpoints
     def _fingerprint(self, X, labels, Z, continuing):
@@ -703,7 +693,9 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         super().__setstate__(state)
         if model_state is not None:
             n_outputs = 1 if self.task_ == "binary" else len(self.classes_)
-            self.model_ = self._build_model(n_outputs, None)  # architecture only; the weights follow
+            # The architecture only (the weights follow); per-class maps show in the weights' names.
+            per_class = "head.class_weight" in model_state
+            self.model_ = self._build_model(n_outputs, None, per_class_maps=per_class)
             self.model_.load_state_dict(model_state)
             self.model_.eval()
 
@@ -824,22 +816,3 @@ def _items_key(X):
     if isinstance(X, np.ndarray):
         return X
     return [os.fspath(x) if isinstance(x, (str, os.PathLike)) else x for x in X]
-
-
-def _check_points(Z, n_outputs: int, head: str) -> None:
-    width = Z.shape[1]
-    if width % 2:
-        raise ValueError(
-            f"Z must hold click points (x, y): (n_samples, 2) or (n_samples, 2 * K); got {width} columns."
-        )
-    if head == "attention" and width != 2 and not (n_outputs > 1 and width == 2 * n_outputs):
-        raise ValueError(
-            f"head='attention' needs Z of click points (n_samples, 2) or one point per class "
-            f"(n_samples, {2 * n_outputs}); got {width} columns."
-        )
-    observed = Z[~np.isnan(Z)]
-    if observed.size and (observed.min() < 0 or observed.max() > 1):
-        raise ValueError(
-            "Z must hold points (x, y) in [0, 1] image coordinates (NaN = missing), got values in "
-            f"[{observed.min():.3g}, {observed.max():.3g}]; divide pixel coordinates by the image size."
-        )
