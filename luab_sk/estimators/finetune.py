@@ -159,6 +159,16 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     validation_scores_ : list of float
         Negative validation label loss per epoch (with ``early_stopping``).
 
+    Notes
+    -----
+    Images are resized to ``image_size_`` squares as a whole for prediction (no centre crop), so predicted
+    points and attention maps are in the coordinates of the original image. Randomness is a function of the
+    seed drawn from ``random_state``: the data order and dropout of epoch e are seeded by ``(seed, e)``, the
+    augmentation of sample i in epoch e by ``(seed, e, i)``. Results therefore do not depend on
+    ``num_workers``, and a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
+    Parameters that do not reach the head's input (a library classifier, blocks after ``layer``) are
+    frozen and excluded from the layer groups.
+
     Examples
     --------
     >>> import numpy as np
