@@ -22,7 +22,7 @@ def _demo(args) -> int:
     rows = {"no Z (byproduct_weight=0)": [], "LUAB with Z": [], "LUAB with shuffled Z (control)": []}
     for seed in range(args.seeds):
         X, y, Z = make_embedding_classification(
-            args.n_samples, 256, n_classes=10, random_state=seed
+            args.n_samples, 256, n_classes=10, signal_strength=0.2, random_state=seed
         )
         X_tr, X_te, y_tr, y_te, Z_tr, _ = train_test_split(
             X, y, Z, train_size=args.train_size, stratify=y, random_state=seed
@@ -33,7 +33,9 @@ def _demo(args) -> int:
             ("LUAB with Z", args.byproduct_weight, Z_tr),
             ("LUAB with shuffled Z (control)", args.byproduct_weight, shuffled),
         ):
-            clf = LUABClassifier(head="linear", hidden_size=16, byproduct_weight=weight, random_state=seed)
+            clf = LUABClassifier(
+                head="linear", hidden_size=8, byproduct_weight=weight, max_iter=300, random_state=seed
+            )
             rows[name].append(clf.fit(X_tr, y_tr, Z=z).score(X_te, y_te))
     print(
         f"Synthetic CLIP-like embeddings, {args.train_size} labelled training samples, 10 classes, "
@@ -130,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_study)
 
     p = sub.add_parser("demo", help="synthetic embeddings: accuracy with and without byproducts")
-    p.add_argument("--n-samples", type=int, default=3000)
-    p.add_argument("--train-size", type=int, default=300)
+    p.add_argument("--n-samples", type=int, default=2500)
+    p.add_argument("--train-size", type=int, default=500)
     p.add_argument("--byproduct-weight", type=float, default=1.0)
     p.add_argument("--seeds", type=int, default=5)
     p.set_defaults(func=_demo)
