@@ -37,7 +37,7 @@ from .estimators.distill import GeneralizedDistillationClassifier
 from .features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, FeatureExtractor, load_backbone
 from .metrics import pointing_game, worst_group_accuracy
 
-__all__ = ["METHODS", "check_decodability", "run_study"]
+__all__ = ["METHODS", "check_decodability", "run_study", "to_backbone_frame"]
 
 METHODS = (
     "linear probe (pooled)",
@@ -100,25 +100,51 @@ def check_decodability(
     return float(cross_val_score(probe, X, y, cv=folds, scoring="balanced_accuracy").mean())
 
 
-def _backbone_frame(splits, backbone, image_size):
-    """Clicks and boxes in the coordinates of what the backbone sees (its eval transform centre-crops).
+def to_backbone_frame(scenes, backbone=DEFAULT_BACKBONE):
+    """Clicks, boxes and images of scenes in the frame the backbone sees.
 
-    Adds ``Z_seen`` and ``boxes_seen`` to every split and returns the crop box (left, top, width, height).
+    The backbones' evaluation transform resizes and centre-crops (``crop_pct`` of the architecture, 0.875 for
+    EfficientNet-Lite0), so the token grid covers the central part of a scene only. Clicks and boxes must be
+    expressed in that crop before they supervise or score attention maps.
+
+    Parameters
+    ----------
+    scenes : Bunch
+        As returned by :func:`~luab_sk.datasets.spurious.make_spurious_scenes` (square ``images``, ``Z``,
+        ``boxes``).
+    backbone : str, default=DEFAULT_BACKBONE
+        The extractor's backbone string (only its architecture's preprocessing matters).
+
+    Returns
+    -------
+    seen : Bunch
+        ``Z`` (clicks in the crop's [0, 1] coordinates, NaN where missing or outside the crop), ``boxes``
+        (clipped to the crop), ``images`` (the cropped pixels, a view, for plotting) and ``crop_box``
+        (left, top, width, height) in pixels of the scenes.
+
+    Examples
+    --------
+    >>> from luab_sk.datasets.spurious import make_spurious_scenes
+    >>> scenes = make_spurious_scenes(4, image_size=64, random_state=0)
+    >>> seen = to_backbone_frame(scenes, "timm:resnet10t")
+    >>> seen.crop_box, seen.images.shape
+    ((4.0, 4.0, 56.0, 56.0), (4, 56, 56, 3))
     """
+    size = scenes.images.shape[1]
     crop = load_backbone(backbone, None).data_config.get("crop_pct", 1.0)  # the architecture's, any weights
-    left, top, width, height = center_crop_box((image_size, image_size), crop_fraction=crop)
-    lo = np.array([left, top, left, top]) / image_size
-    hi = np.array([left + width, top + height] * 2) / image_size
-    for split in splits.values():
-        split.Z_seen = crop_points(split.Z, (left, top, width, height), (image_size, image_size))
-        boxes = np.clip(split.boxes, lo, hi)
-        split.boxes_seen = np.hstack(
-            [
-                crop_points(boxes[:, :2], (left, top, width, height), (image_size, image_size)),
-                crop_points(boxes[:, 2:], (left, top, width, height), (image_size, image_size)),
-            ]
-        )
-    return left, top, width, height
+    box = center_crop_box((size, size), crop_fraction=crop)
+    left, top, width, height = box
+    boxes = np.clip(
+        scenes.boxes, np.array([left, top] * 2) / size, np.array([left + width, top + height] * 2) / size
+    )
+    corners = [crop_points(boxes[:, k : k + 2], box, (size, size)) for k in (0, 2)]
+    px = [int(round(v)) for v in box]
+    return Bunch(
+        Z=crop_points(scenes.Z, box, (size, size)),
+        boxes=np.hstack(corners),
+        images=scenes.images[:, px[1] : px[1] + px[3], px[0] : px[0] + px[2]],
+        crop_box=box,
+    )
 
 
 def _clicked_tokens(tokens, clicks, grid):
@@ -316,7 +342,9 @@ def run_study(
         missing_rate=missing_rate,
         image_size=image_size,
     )
-    crop_box = _backbone_frame(splits, backbone, image_size)
+    for split in splits.values():
+        seen = to_backbone_frame(split, backbone)
+        split.Z_seen, split.boxes_seen, split.images_seen = seen.Z, seen.boxes, seen.images
     feats = {name: extractor.transform(split.images) for name, split in splits.items()}
     grid = extractor.grid_
     timings["extract_s"] = time.perf_counter() - t0
@@ -427,12 +455,12 @@ def run_study(
         timings=timings,
     )
     if output_dir is not None:
-        files = _write_outputs(Path(output_dir), output_name, result, meta, test, maps, plots, crop_box)
+        files = _write_outputs(Path(output_dir), output_name, result, meta, test, maps, plots)
         result.files = files
     return result
 
 
-def _write_outputs(out, name, result, meta, test, maps, plots, crop_box):
+def _write_outputs(out, name, result, meta, test, maps, plots):
     out.mkdir(parents=True, exist_ok=True)
     files = [out / f"{name}.md", out / f"{name}.json"]
     files[0].write_text("# LUAB study: spurious backgrounds, frozen features\n\n" + result.markdown)
@@ -464,10 +492,8 @@ def _write_outputs(out, name, result, meta, test, maps, plots, crop_box):
             for k in ("attention probe, no Z", "LUAB, Z", "LUAB, shuffled Z")
             if k in maps
         }
-        left, top, width, height = (int(round(v)) for v in crop_box)
-        seen = test.images[minority, top : top + height, left : left + width]  # what the backbone sees
         fig = plot_attention_overlays(
-            seen,
+            test.images_seen[minority],
             shown,
             boxes=test.boxes_seen[minority],
             titles=[test.class_names[c] for c in test.y[minority]],

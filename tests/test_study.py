@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.utils import Bunch
 
-from luab_sk.study import METHODS, _backbone_frame, _clicked_tokens, run_study
+from luab_sk.study import METHODS, _clicked_tokens, run_study, to_backbone_frame
 
 matplotlib.use("Agg")
 
@@ -72,18 +72,16 @@ def test_clicked_tokens_pick_the_cell_under_the_click():
 
 
 def test_backbone_frame_follows_the_centre_crop():
-    split = Bunch(
-        Z=np.array([[0.5, 0.5], [0.01, 0.5]]), boxes=np.array([[0.0, 0.25, 0.5, 0.75], [0.4, 0.4, 0.6, 0.6]])
+    scenes = Bunch(
+        images=np.zeros((2, 224, 224, 3), dtype=np.uint8),
+        Z=np.array([[0.5, 0.5], [0.01, 0.5]]),
+        boxes=np.array([[0.0, 0.25, 0.5, 0.75], [0.4, 0.4, 0.6, 0.6]]),
     )
-    box = _backbone_frame({"test": split}, "timm:resnet10t", 224)
+    seen = to_backbone_frame(scenes, "timm:resnet10t")
     crop = 224 * 0.875  # resnet10t's crop_pct
-    assert box[2] == pytest.approx(crop)
-    np.testing.assert_allclose(split.Z_seen[0], [0.5, 0.5])
-    assert np.isnan(split.Z_seen[1]).all()  # outside the crop: masked
-    offset = (224 - crop) / 2 / crop
-    np.testing.assert_allclose(
-        split.boxes_seen[0], [0.0, 0.25 * 224 / crop - offset, 0.5, 0.75 * 224 / crop - offset]
-    )
-    np.testing.assert_allclose(
-        split.boxes_seen[1], [0.5 + (v - 0.5) * 224 / crop for v in (0.4, 0.4, 0.6, 0.6)]
-    )
+    assert seen.crop_box[2] == pytest.approx(crop) and seen.images.shape == (2, 196, 196, 3)
+    np.testing.assert_allclose(seen.Z[0], [0.5, 0.5])
+    assert np.isnan(seen.Z[1]).all()  # outside the crop: masked
+    scale = 224 / crop
+    np.testing.assert_allclose(seen.boxes[0], [0.0, 0.5 - 0.25 * scale, 0.5, 0.5 + 0.25 * scale])
+    np.testing.assert_allclose(seen.boxes[1], [0.5 + (v - 0.5) * scale for v in (0.4, 0.4, 0.6, 0.6)])
