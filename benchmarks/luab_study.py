@@ -9,7 +9,7 @@ kNN-imputed Z, and generalized distillation; plus a grid search over ``byproduct
 Usage::
 
     python benchmarks/luab_study.py            # the default study (the main job): 1200 scenes, 3 seeds
-    python benchmarks/luab_study.py --quick    # a smaller run (300 scenes, 2 seeds) for a first look
+    python benchmarks/luab_study.py --quick    # a smaller run (350 scenes, 2 seeds) for a first look
     python benchmarks/luab_study.py --full     # 2000 scenes, 5 seeds
 
 Writes ``luab_study{,_quick,_full}.md/.json`` and the plots ``*_weights.png`` / ``*_attention.png`` to
@@ -22,19 +22,13 @@ import argparse
 import os
 from pathlib import Path
 
-from luab_sk.study import run_study
-
-SIZES = {
-    "quick": {"n_train": 200, "n_val": 50, "n_test": 100, "seeds": (0, 1)},
-    "default": {"n_train": 600, "n_val": 200, "n_test": 400, "seeds": (0, 1, 2)},
-    "full": {"n_train": 1000, "n_val": 300, "n_test": 700, "seeds": (0, 1, 2, 3, 4)},
-}
+from luab_sk.study import PRESETS, run_study
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="300 scenes, 2 seeds")
+    size.add_argument("--quick", action="store_true", help="350 scenes, 2 seeds")
     size.add_argument("--full", action="store_true", help="2000 scenes, 5 seeds")
     parser.add_argument("--correlation", type=float, default=0.98)
     parser.add_argument(
@@ -47,7 +41,7 @@ def main(argv=None):
     name = "quick" if args.quick else "full" if args.full else "default"
 
     result = run_study(
-        **SIZES[name],
+        **PRESETS[name],
         correlation=args.correlation,
         cache_dir=args.cache_dir,
         output_dir=args.output_dir,

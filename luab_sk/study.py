@@ -37,7 +37,7 @@ from .estimators.distill import GeneralizedDistillationClassifier
 from .features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, FeatureExtractor, load_backbone
 from .metrics import pointing_game, worst_group_accuracy
 
-__all__ = ["METHODS", "check_decodability", "run_study", "to_backbone_frame"]
+__all__ = ["METHODS", "PRESETS", "check_decodability", "run_study", "to_backbone_frame"]
 
 METHODS = (
     "linear probe (pooled)",
@@ -47,6 +47,14 @@ METHODS = (
     "LUAB, kNN-imputed Z",
     "generalized distillation",
 )
+
+PRESETS = {
+    "quick": {"n_train": 200, "n_val": 50, "n_test": 100, "seeds": (0, 1)},
+    "default": {"n_train": 600, "n_val": 200, "n_test": 400, "seeds": (0, 1, 2)},
+    "full": {"n_train": 1000, "n_val": 300, "n_test": 700, "seeds": (0, 1, 2, 3, 4)},
+}
+"""Study sizes: ``run_study(**PRESETS["quick"])`` for a first look (350 scenes), ``"default"`` (the main job,
+1200 scenes, 3 seeds; also :func:`run_study`'s defaults) and ``"full"`` (2000 scenes, 5 seeds)."""
 
 DEFAULT_LUAB_PARAMS = {
     "head": "attention",
