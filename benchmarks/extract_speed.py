@@ -214,9 +214,11 @@ def main(argv=None):
         configs.append(
             {"backbone": "open_clip:ViT-B-32", "pretrained": None, "output": "pooled", "precision": "bf16"}
         )
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         paths = make_photos(Path(folder), args.n_images)
         rows = [bench(c, paths, args, device) for c in configs]
+    load_after = os.getloadavg()[0]
     env = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu_threads": torch.get_num_threads(),
@@ -227,6 +229,8 @@ def main(argv=None):
         "batch_size": args.batch_size,
         "num_workers": args.num_workers,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_1min_before_after": [round(load_before, 1), round(load_after, 1)],
+        "cpu_count": os.cpu_count(),
     }
     header = (
         "| backbone | weights | output | precision | raw fwd img/s | full path img/s | full/raw | "
@@ -249,6 +253,12 @@ def main(argv=None):
         "forward and the first (full) run measured in the same repeat. Targets: full/raw >= 0.90 on CPU; "
         "cached speed-up >= 100x.",
     ]
+    if load_before > 1.5 * (os.cpu_count() or 1):
+        notes.append(
+            f"The machine was shared and busy (1-min load average {load_before:.1f} before, {load_after:.1f} "
+            f"after, on {os.cpu_count()} CPUs): absolute speeds are far below an idle machine's; the ratios "
+            "compare phases interleaved in the same run."
+        )
     if device.type != "cuda":
         notes.append("No GPU was available for this run: the GPU rows (ViT-B-32 bf16) were not measured.")
     table = "\n".join(lines + notes)
