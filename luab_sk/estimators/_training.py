@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 __all__ = ["TrainResult", "l2_penalty", "train_module"]
 
@@ -41,6 +42,10 @@ class TrainResult(NamedTuple):
 def l2_penalty(module: nn.Module) -> Tensor:
     """Sum of squares of the module's weight matrices (parameters with two or more dimensions).
 
+    A weight under a :mod:`torch.nn.utils.parametrize` parametrisation is penalised as the module sees
+    it (the parametrised value), not as the optimiser stores it, so a reparametrisation (such as the
+    preconditioner :func:`luab_sk.nn.whitened`) leaves the objective unchanged.
+
     Examples
     --------
     >>> lin = nn.Linear(2, 1)
@@ -49,7 +54,14 @@ def l2_penalty(module: nn.Module) -> Tensor:
     >>> l2_penalty(lin)
     tensor(8., grad_fn=<AddBackward0>)
     """
-    weights = [p for p in module.parameters() if p.ndim >= 2 and p.requires_grad]
+    weights = []
+    for sub in module.modules():
+        if isinstance(sub, parametrize.ParametrizationList):
+            continue  # its ``original`` is reached through the parametrised module below
+        names = [name for name, _ in sub.named_parameters(recurse=False)]
+        if parametrize.is_parametrized(sub):
+            names += list(sub.parametrizations)
+        weights += [w for w in (getattr(sub, name) for name in names) if w.ndim >= 2 and w.requires_grad]
     total = weights[0].new_zeros(()) if weights else torch.zeros(())
     for w in weights:
         total = total + w.pow(2).sum()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import numbers
@@ -17,7 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
 from .._utils import resolve_device
-from ..nn import build_head, label_loss, multitask_loss
+from ..nn import build_head, feature_moments, label_loss, multitask_loss, reduced_rank_init_, whitened
 from ._base import (
     LUABClassifierMixin,
     check_byproducts,
@@ -60,7 +61,9 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         (n_samples, L, C) on a ``grid_shape`` grid; learned queries pool them, the label head reads the
         pooled vector, and the byproducts (click points) supervise the attention map.
     hidden_size : int, default=128
-        Bottleneck rank, hidden width, or projected token width (attention).
+        Bottleneck rank, hidden width, or projected token width (attention). The linear head's rank is
+        capped at ``min(n_features, n_outputs + n_byproducts)``: a larger rank represents no other map
+        and has the same optimum, only slower.
     n_layers : int, default=1
         Hidden layers of the ``"mlp"`` head.
     byproduct_weight : float, default=1.0
@@ -92,6 +95,9 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     solver : {"auto", "lbfgs", "adamw"}, default="auto"
         ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` (strong Wolfe line search), for small and
         medium problems. ``"adamw"``: mini-batch AdamW. ``"auto"``: L-BFGS up to 1e8 input elements.
+        The linear head starts from reduced-rank ridge regression of the labels and byproducts on X
+        (:func:`~luab_sk.nn.reduced_rank_init_`, deterministic), and L-BFGS optimises its trunk in
+        whitened coordinates (:func:`~luab_sk.nn.whitened`; same objective, better conditioned).
     max_iter : int, default=200
         Maximum L-BFGS iterations or AdamW epochs.
     tol : float, default=1e-4
@@ -301,22 +307,41 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             validation = ([x_all[val_index], y_all[val_index], w_all[val_index]], self._validation_score)
             data = [None if t is None else t[train_index] for t in data]
         solver = self._resolve_solver(X)
+        precondition = contextlib.nullcontext()
+        if self.head == "linear":
+            x_fit, y_fit, z_fit, w_fit = data
+            moments = feature_moments(x_fit, w_fit)
+            if not warm:
+                reduced_rank_init_(
+                    self.module_,
+                    x_fit,
+                    y_fit,
+                    z_fit,
+                    task=self.task_,
+                    byproduct_weight=float(self.byproduct_weight),
+                    alpha=float(self.alpha),
+                    sample_weight=w_fit,
+                    moments=moments,
+                )
+            if solver == "lbfgs":
+                precondition = whitened(self.module_.trunk, moments[1], float(self.alpha))
         generator = torch.Generator().manual_seed(seed)
-        result = train_module(
-            self.module_,
-            self._objective,
-            data,
-            solver=solver,
-            max_iter=self.max_iter,
-            tol=self.tol,
-            alpha=self.alpha,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            n_iter_no_change=self.n_iter_no_change,
-            validation=validation,
-            generator=generator,
-            verbose=self.verbose,
-        )
+        with precondition:
+            result = train_module(
+                self.module_,
+                self._objective,
+                data,
+                solver=solver,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                alpha=self.alpha,
+                batch_size=self.batch_size,
+                learning_rate=self.learning_rate,
+                n_iter_no_change=self.n_iter_no_change,
+                validation=validation,
+                generator=generator,
+                verbose=self.verbose,
+            )
         self.n_iter_ = result.n_iter
         self.loss_curve_ = result.loss_curve
         self.validation_scores_ = result.validation_scores
@@ -331,13 +356,16 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
     def _build(self, width, n_outputs, seed, device):
         attention = self.head == "attention"
+        hidden_size = self.hidden_size
+        if self.head == "linear":  # a larger rank represents no other map and has the same optimum
+            hidden_size = min(hidden_size, width, n_outputs + self.n_byproducts_)
         with torch_seeded(seed, device):
             self.module_ = build_head(
                 self.head,
                 width,
                 n_outputs,
                 0 if attention else self.n_byproducts_,
-                hidden_size=self.hidden_size,
+                hidden_size=hidden_size,
                 n_layers=self.n_layers,
                 grid_shape=self.grid_shape_ if attention else None,
                 n_heads=self.n_heads,

@@ -6,6 +6,7 @@ fine-tuned.
 """
 
 from .heads import AttentionHead, HeadOutput, PooledHead, build_head, token_centers
+from .init import feature_moments, reduced_rank_init_, whitened
 from .losses import (
     MultitaskLoss,
     gaussian_heatmap,
@@ -23,12 +24,15 @@ __all__ = [
     "MultitaskLoss",
     "PooledHead",
     "build_head",
+    "feature_moments",
     "gaussian_heatmap",
     "heatmap_loss",
     "label_loss",
     "masked_regression_loss",
     "multitask_loss",
     "point_loss",
+    "reduced_rank_init_",
     "soft_argmax",
     "token_centers",
+    "whitened",
 ]
