@@ -209,3 +209,16 @@ def test_package_import_is_light():
     code = "import sys, luab_sk.features; print(sorted(m for m in ('open_clip', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_worker_processes_decode(tmp_path, image_files):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    fe = FeatureExtractor(TINY, pretrained=None, num_workers=1, batch_size=4, on_error="skip")
+    out = fe.transform(image_files + [str(bad)])
+    np.testing.assert_allclose(
+        out[:-1], FeatureExtractor(TINY, pretrained=None).transform(image_files), atol=1e-5
+    )
+    assert np.isnan(out[-1]).all() and fe.failed_[0][0] == len(image_files)
+    with pytest.raises(OSError, match="broken.png"):
+        fe.set_params(on_error="raise").transform([str(bad)])
