@@ -106,11 +106,13 @@ def reduced_rank_init_(
 
     # Targets and their weighted centred cross-products with x: n-sized work in x's dtype.
     targets = [_label_indicators(y, task, n_outputs).to(x.dtype)]
-    if head.byproduct_head is not None and z is not None:
+    z_factor = 0.0
+    if head.byproduct_head is not None and z is not None and byproduct_weight > 0:
+        z_factor = (float(byproduct_weight) / z.shape[1]) ** 0.5
         observed = ~torch.isnan(z)
         counts = (observed * w[:, None]).sum(0).clamp_min(torch.finfo(x.dtype).tiny)
         z_mean = (torch.where(observed, z, 0.0) * w[:, None]).sum(0) / counts
-        targets.append(torch.where(observed, z, z_mean) * (float(byproduct_weight) / z.shape[1]) ** 0.5)
+        targets.append(torch.where(observed, z, z_mean) * z_factor)
     t = torch.cat(targets, dim=1)
     t_mean = w @ t
     xc = x - x_mean.to(x.dtype)
@@ -125,29 +127,33 @@ def reduced_rank_init_(
     top = vectors[:, -min(rank, vectors.shape[1]) :]
     coef = coef @ top @ top.T
 
+    # Back to the heads' units (logits; Z's units). Scaling columns keeps the rank at most ``rank``.
     label_coef = coef[:, :n_outputs]
     penalty = float(alpha) * float(torch.linalg.matrix_norm(label_coef, ord="nuc"))
     scale, label_bias = _fit_logit_scale(xc @ label_coef.to(x.dtype), y, task, penalty, sample_weight)
-    coef = torch.cat([label_coef * scale, coef[:, n_outputs:]], dim=1)
+    parts, biases = [label_coef * scale], [label_bias.to(coef.dtype)]
+    if z_factor:
+        parts.append(coef[:, n_outputs:] / z_factor)
+        biases.append(t_mean[n_outputs:].to(coef.dtype) / z_factor)
+    coef = torch.cat(parts, dim=1)
+    # The trunk has no bias: the centring offset goes into the heads' biases.
+    bias = torch.cat(biases) - coef.T @ x_mean
 
-    u, s, vh = torch.linalg.svd(coef.T, full_matrices=False)  # coef.T: (m, d)
+    # Balanced factors: the split of coef.T (outputs x d) with the least ||W1||^2 + ||W2||^2.
+    u, s, vh = torch.linalg.svd(coef.T, full_matrices=False)
     keep = min(rank, s.shape[0])
     root = s[:keep].sqrt()
     w1 = coef.new_zeros(rank, coef.shape[0])
     w2 = coef.new_zeros(coef.shape[1], rank)
     w1[:keep] = root[:, None] * vh[:keep]
     w2[:, :keep] = u[:, :keep] * root
-    # The trunk has no bias: the centring offset goes into the heads' biases.
-    bias = torch.cat([label_bias.to(coef.dtype), t_mean[n_outputs:].to(coef.dtype)]) - coef.T @ x_mean
-    n_z = t.shape[1] - n_outputs
-    unscale = (n_z / float(byproduct_weight)) ** 0.5 if n_z and byproduct_weight > 0 else 0.0
     with torch.no_grad():
         head.trunk.weight.copy_(w1)
         head.label_head.weight.copy_(w2[:n_outputs])
         head.label_head.bias.copy_(bias[:n_outputs])
-        if head.byproduct_head is not None and unscale:
-            head.byproduct_head.weight.copy_(w2[n_outputs:] * unscale)
-            head.byproduct_head.bias.copy_(bias[n_outputs:] * unscale)
+        if head.byproduct_head is not None and z_factor:
+            head.byproduct_head.weight.copy_(w2[n_outputs:])
+            head.byproduct_head.bias.copy_(bias[n_outputs:])
         elif head.byproduct_head is not None:  # no z, or weight 0: nothing to regress yet
             head.byproduct_head.weight.zero_()
             head.byproduct_head.bias.zero_()
