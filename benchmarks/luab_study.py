@@ -1,7 +1,7 @@
 """The LUAB study on the embedded default backbone: does Z buy worst-group accuracy on spurious backgrounds?
 
 Waterbirds-style scenes (faces vs non-faces from scikit-image's ``lfw_subset`` on tinted grass vs brick,
-background-label correlation 0.98 in training, balanced at test) with simulated ImageNet-AB-like clicks.
+background-label correlation 0.99 in training, balanced at test) with simulated ImageNet-AB-like clicks.
 Features of ImageNet EfficientNet-Lite0 are extracted once and cached; then, for several seeds: a linear probe
 on pooled features, an attention probe without Z, LUAB with Z, LUAB with shuffled Z (control), LUAB with
 kNN-imputed Z, and generalized distillation; plus a grid search over ``byproduct_weight``.
@@ -11,9 +11,10 @@ Usage::
     python benchmarks/luab_study.py            # the default study (the main job): 1200 scenes, 3 seeds
     python benchmarks/luab_study.py --quick    # a smaller run (350 scenes, 2 seeds) for a first look
     python benchmarks/luab_study.py --full     # 2000 scenes, 5 seeds
+    python benchmarks/luab_study.py --correlation 0.95   # another training correlation (files *_corr0.95.*)
 
-Writes ``luab_study{,_quick,_full}.md/.json`` and the plots ``*_weights.png`` / ``*_attention.png`` to
-``benchmarks/results/``.
+Writes ``luab_study{,_quick,_full}{,_corr<c>}.md/.json`` and the plots ``*_weights.png`` and
+``*_attention.png`` to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main(argv=None):
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="350 scenes, 2 seeds")
     size.add_argument("--full", action="store_true", help="2000 scenes, 5 seeds")
-    parser.add_argument("--correlation", type=float, default=0.98)
+    parser.add_argument("--correlation", type=float, default=None, help="default: run_study's (0.99)")
     parser.add_argument(
         "--cache-dir",
         default=os.path.expanduser("~/.cache/luab_sk/study"),
@@ -39,13 +40,17 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     name = "quick" if args.quick else "full" if args.full else "default"
+    stem = "luab_study" if name == "default" else f"luab_study_{name}"
+    if args.correlation is not None:
+        stem += f"_corr{args.correlation:g}"
+    extra = {} if args.correlation is None else {"correlation": args.correlation}
 
     result = run_study(
         **PRESETS[name],
-        correlation=args.correlation,
+        **extra,
         cache_dir=args.cache_dir,
         output_dir=args.output_dir,
-        output_name="luab_study" if name == "default" else f"luab_study_{name}",
+        output_name=stem,
     )
     print(f"total {result.timings['total_s']:.0f} s; wrote {', '.join(result.files)}")
 
