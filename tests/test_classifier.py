@@ -1,5 +1,6 @@
 """Tests for LUABClassifier on pooled features (scikit-learn compliance, byproducts, errors)."""
 
+import contextlib
 import pickle
 import warnings
 
@@ -15,6 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from luab_sk.datasets.synthetic import make_embedding_classification
+from luab_sk.estimators import classifier
 from luab_sk.estimators.classifier import LUABClassifier
 
 FAST = {"hidden_size": 8, "max_iter": 30, "random_state": 0}
@@ -29,7 +31,10 @@ def _expected_failed_checks(estimator):
     }
 
 
-@parametrize_with_checks([LUABClassifier(**FAST)], expected_failed_checks=_expected_failed_checks)
+@parametrize_with_checks(
+    [LUABClassifier(**FAST), LUABClassifier(head="linear", **FAST)],
+    expected_failed_checks=_expected_failed_checks,
+)
 def test_sklearn_compatible(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", sklearn.exceptions.ConvergenceWarning)
@@ -109,6 +114,26 @@ def test_same_random_state_same_predictions(data):
     a = _fit(X, y, Z, head="mlp", random_state=3).predict_proba(X_test)
     b = _fit(X, y, Z, head="mlp", random_state=3).predict_proba(X_test)
     np.testing.assert_array_equal(a, b)
+
+
+def test_linear_head_rank_is_capped_and_fit_is_deterministic(data):
+    X, y, Z, X_test, _ = data
+    clf = _fit(X, y, Z, hidden_size=128, byproduct_weight=1.0)
+    assert clf.module_.trunk.weight.shape == (10 + 8, 128)  # the rank of any 18 x 128 map
+    assert _fit(X, y, hidden_size=128).module_.trunk.weight.shape == (10, 128)
+    # The closed-form start draws no random numbers: the seed does not matter.
+    other = _fit(X, y, Z, hidden_size=128, byproduct_weight=1.0, random_state=7)
+    np.testing.assert_array_equal(clf.predict_proba(X_test), other.predict_proba(X_test))
+
+
+def test_linear_head_start_and_preconditioner_speed_up_lbfgs(data, monkeypatch):
+    """Same objective, same iteration budget: the reduced-rank start and whitening reach a lower value."""
+    X, y, Z, _, _ = data
+    fast = _fit(X, y, Z, hidden_size=18, max_iter=15)
+    monkeypatch.setattr(classifier, "reduced_rank_init_", lambda *args, **kwargs: None)
+    monkeypatch.setattr(classifier, "whitened", lambda *args, **kwargs: contextlib.nullcontext())
+    plain = _fit(X, y, Z, hidden_size=18, max_iter=15)
+    assert plain.n_iter_ == 15 and fast.loss_curve_[-1] < 0.9 * plain.loss_curve_[-1]
 
 
 def test_string_binary_and_multilabel_targets(data):
