@@ -239,6 +239,7 @@ def run_study(
     output_name="luab_study",
     plots=True,
     min_decodability=0.9,
+    n_decodability=200,
     data_seed=0,
     batch_size=64,
     verbose=1,
@@ -279,6 +280,8 @@ def run_study(
         Draw the plots (needs matplotlib) when ``output_dir`` is set.
     min_decodability : float, default=0.9
         Stop with an error when the backbone's foreground decodability is below this.
+    n_decodability : int, default=200
+        Foreground-only images of the decodability check (:func:`check_decodability`).
     data_seed : int, default=0
         Seed of the generated scenes.
     batch_size : int, default=64
@@ -301,10 +304,11 @@ def run_study(
 
     Examples
     --------
-    >>> result = run_study(n_train=24, n_val=8, n_test=8, image_size=64, seeds=(0,),
-    ...                    byproduct_weights=(0.0, 1.0),
-    ...                    backbone="timm:resnet10t", pretrained=None, min_decodability=0.0, verbose=0,
-    ...                    luab_params={"max_iter": 5, "n_components": 8, "hidden_size": 8})
+    >>> result = run_study(
+    ...     n_train=24, n_val=8, n_test=8, image_size=64, seeds=(0,), byproduct_weights=(0.0, 1.0),
+    ...     backbone="timm:resnet10t", pretrained=None, n_decodability=20, min_decodability=0.0,
+    ...     luab_params={"max_iter": 5, "n_components": 8, "hidden_size": 8}, verbose=0,
+    ... )
     >>> [row["method"] for row in result.table][:2]
     ['linear probe (pooled)', 'attention probe, no Z']
     """
@@ -326,7 +330,7 @@ def run_study(
         backbone, pretrained, output="both", token_dim=token_dim, cache_dir=cache_dir, batch_size=batch_size
     )
     decodability = check_decodability(
-        extractor, classes=classes, image_size=image_size, random_state=data_seed
+        extractor, classes=classes, n_samples=n_decodability, image_size=image_size, random_state=data_seed
     )
     timings["decodability_s"] = time.perf_counter() - t0
     log(f"foreground decodability (balanced linear probe, 5-fold): {100 * decodability:.1f}%")

@@ -19,6 +19,7 @@ TINY = {
     "backbone": "timm:resnet10t",
     "pretrained": None,
     "min_decodability": 0.0,
+    "n_decodability": 20,
     "verbose": 0,
     "luab_params": {"max_iter": 5, "n_components": 8, "hidden_size": 8},
 }
