@@ -47,9 +47,10 @@ def _demo(args) -> int:
 
 
 def _study(args) -> int:
-    from luab_sk.study import run_study
+    from luab_sk.study import PRESETS, run_study
 
-    run_study(out_dir=args.out, cache_dir=args.cache_dir, seeds=args.seeds, quick=args.quick, verbose=1)
+    preset = {**PRESETS["quick" if args.quick else "default"], "seeds": tuple(range(args.seeds))}
+    run_study(**preset, cache_dir=args.cache_dir, output_dir=args.out, verbose=1)
     return 0
 
 
