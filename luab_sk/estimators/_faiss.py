@@ -164,7 +164,7 @@ def _warn_gpu_fallback(reason):
     warnings.warn(
         f"faiss GPU search is unavailable ({reason}); using the CPU index instead.",
         FaissGPUFallbackWarning,
-        stacklevel=4,
+        stacklevel=3,
     )
 
 
