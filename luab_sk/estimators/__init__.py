@@ -3,9 +3,10 @@
 from .classifier import LUABClassifier
 from .distill import GeneralizedDistillationClassifier
 from .finetune import LUABFineTuner
-from .knn import FaissKNNClassifier, KNNByproductImputer
+from .knn import FaissGPUFallbackWarning, FaissKNNClassifier, KNNByproductImputer
 
 __all__ = [
+    "FaissGPUFallbackWarning",
     "FaissKNNClassifier",
     "GeneralizedDistillationClassifier",
     "KNNByproductImputer",
