@@ -320,6 +320,12 @@ def run_study(
         raise ValueError(
             f"byproduct_weights must be a non-empty sequence of non-negative numbers, got {weights}."
         )
+    reserved = {"byproduct_weight", "random_state", "impute_byproducts"} & set(luab_params or {})
+    if reserved:
+        raise ValueError(
+            f"luab_params must not set {sorted(reserved)}: the study sets them (byproduct_weights, seeds, "
+            "the kNN-imputed line)."
+        )
     params = {**DEFAULT_LUAB_PARAMS, **(luab_params or {})}
     log = print if verbose else (lambda *a, **k: None)
     timings = {}

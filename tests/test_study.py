@@ -55,7 +55,12 @@ def test_run_study_stops_when_the_foreground_is_not_decodable():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match", [({"seeds": ()}, "seeds"), ({"byproduct_weights": (-1.0,)}, "byproduct_weights")]
+    "kwargs, match",
+    [
+        ({"seeds": ()}, "seeds"),
+        ({"byproduct_weights": (-1.0,)}, "byproduct_weights"),
+        ({"luab_params": {"byproduct_weight": 2.0}}, "luab_params"),
+    ],
 )
 def test_run_study_parameter_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
