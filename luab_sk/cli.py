@@ -77,7 +77,7 @@ def _extract(args) -> int:
     files = _read_images(args.images)
     fe = FeatureExtractor(
         backbone=args.backbone,
-        pretrained=args.pretrained,
+        pretrained=None if args.pretrained.lower() == "none" else args.pretrained,
         output=args.output,
         layer=args.layer,
         token_dim=args.token_dim,
@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE)
-    p.add_argument("--pretrained", default=DEFAULT_PRETRAINED)
+    p.add_argument(
+        "--pretrained", default=DEFAULT_PRETRAINED, help="tag, checkpoint path, or 'none' (random init)"
+    )
     p.add_argument("--output", choices=["pooled", "tokens", "both"], default="pooled")
     p.add_argument("--layer", type=int, default=None)
     p.add_argument("--token-dim", type=int, default=None)
