@@ -56,6 +56,9 @@ PRESETS = {
 """Study sizes: ``run_study(**PRESETS["quick"])`` for a first look (350 scenes), ``"default"`` (the main job,
 1200 scenes, 3 seeds; also :func:`run_study`'s defaults) and ``"full"`` (2000 scenes, 5 seeds)."""
 
+NO_Z_METHODS = METHODS[:2]
+"""The methods that never see the byproducts (distillation uses them in training, through its teacher)."""
+
 DEFAULT_LUAB_PARAMS = {
     "head": "attention",
     "byproduct_target": "heatmap",
@@ -213,6 +216,17 @@ def _markdown(table, meta):
         f"byproduct_weight = {meta['byproduct_weight']} "
         f"(grid search on the balanced validation split). Backbone {meta['backbone']}.",
     ]
+    worst = {e["method"]: e["worst_group_accuracy"][0] for e in table}
+    no_z = [m for m in NO_Z_METHODS if m in worst]
+    if no_z and "LUAB, Z" in worst:
+        best = max(no_z, key=worst.get)
+        gaps = [f"LUAB with Z {100 * (worst['LUAB, Z'] - worst[best]):+.1f}"]
+        gaps += [f"{m} {100 * (worst[m] - worst[best]):+.1f}" for m in METHODS[3:] if m in worst]
+        notes.append(
+            f"\nWorst-group accuracy against the best method that never sees Z ({best}), in points: "
+            + "; ".join(gaps)
+            + "."
+        )
     return "\n".join(lines + notes) + "\n"
 
 
