@@ -99,6 +99,8 @@ def sync(device):
 
 def raw_forward(backbone, tensors, batch_size, device, precision, outputs):
     model = backbone.eval().to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # as FeatureExtractor does on a GPU
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None
     batches = [tensors[i : i + batch_size] for i in range(0, len(tensors), batch_size)]
     sync(device)
