@@ -80,6 +80,8 @@ def test_foreground_crops():
         ({"click_noise": -1.0}, "click_noise"),
         ({"object_scale": (0.5, 0.2)}, "object_scale"),
         ({"object_scale": 0.0}, "object_scale"),
+        ({"object_scale": (0.1, 0.2, 0.3)}, "object_scale"),
+        ({"object_scale": "big"}, "object_scale"),
         ({"classes": ("chelsea", "dog")}, "'dog'"),
         ({"classes": ("chelsea",)}, "classes"),
         ({"backgrounds": ("grass",)}, "backgrounds"),

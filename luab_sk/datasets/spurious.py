@@ -132,20 +132,22 @@ def _simulate_traces(clicks, rng):
     return hover_ms, traces
 
 
-def _check_fraction(value, name, *, low=0.0, high=1.0, low_open=False):
-    if not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise ValueError(f"{name} must be a real number, got {value!r}.")
-    if value > high or value < low or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value!r}.")
+def _check_fraction(value, name):
+    if not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
 
 
 def _check_scale(object_scale):
-    lo, hi = (object_scale, object_scale) if isinstance(object_scale, numbers.Real) else tuple(object_scale)
-    if not 0 < lo <= hi <= 1:
-        raise ValueError(
-            f"object_scale must be a fraction in (0, 1] or a pair 0 < low <= high <= 1, got {object_scale!r}."
-        )
+    message = (
+        f"object_scale must be a fraction in (0, 1] or a pair 0 < low <= high <= 1, got {object_scale!r}."
+    )
+    try:
+        lo, hi = (object_scale, object_scale) if isinstance(object_scale, numbers.Real) else object_scale
+        valid = 0 < lo <= hi <= 1
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not valid:
+        raise ValueError(message)
     return float(lo), float(hi)
 
 
