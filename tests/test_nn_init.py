@@ -105,8 +105,7 @@ def test_whitened_gradient_step_solves_ridge_in_one_step():
     lin = torch.nn.Linear(6, 2, bias=False).double()
     with torch.no_grad():
         lin.weight.zero_()
-    _, cov = feature_moments(x)
-    with whitened(lin, cov, alpha) as layer:
+    with whitened(lin, feature_moments(x), alpha) as layer:
         (original,) = layer.parameters()
         loss = 0.5 * (layer(x) - (z - z.mean(0))).pow(2).sum(1).mean() + 0.5 * alpha * l2_penalty(layer)
         loss.backward()
@@ -122,8 +121,7 @@ def test_whitened_keeps_the_function_and_the_penalty():
     lin = torch.nn.Linear(6, 3).double()
     before = lin(x).detach()
     penalty = l2_penalty(lin).detach()
-    _, cov = feature_moments(x)
-    with pytest.raises(RuntimeError, match="inside"), whitened(lin, cov, 1e-4) as layer:
+    with pytest.raises(RuntimeError, match="inside"), whitened(lin, feature_moments(x), 1e-4) as layer:
         torch.testing.assert_close(layer(x), before)
         torch.testing.assert_close(l2_penalty(layer), penalty)  # computed on W, not on the stored V
         raise RuntimeError("inside")

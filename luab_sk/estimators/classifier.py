@@ -324,7 +324,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                     moments=moments,
                 )
             if solver == "lbfgs":
-                precondition = whitened(self.module_.trunk, moments[1], float(self.alpha))
+                precondition = whitened(self.module_.trunk, moments, float(self.alpha))
         generator = torch.Generator().manual_seed(seed)
         with precondition:
             result = train_module(

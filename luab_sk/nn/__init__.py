@@ -6,7 +6,7 @@ fine-tuned.
 """
 
 from .heads import AttentionHead, HeadOutput, PooledHead, build_head, token_centers
-from .init import feature_moments, reduced_rank_init_, whitened
+from .init import FeatureMoments, feature_moments, reduced_rank_init_, whitened
 from .losses import (
     MultitaskLoss,
     gaussian_heatmap,
@@ -20,6 +20,7 @@ from .losses import (
 
 __all__ = [
     "AttentionHead",
+    "FeatureMoments",
     "HeadOutput",
     "MultitaskLoss",
     "PooledHead",

@@ -1,11 +1,12 @@
-"""Closed-form initialisation of the linear multitask head (reduced-rank ridge regression).
+"""Fast training of the linear multitask head: a closed-form start and a whitening preconditioner.
 
 The linear head computes ``W2 @ W1 @ x``: a rank-``r`` bottleneck ``W1`` shared by the label head and
-the byproduct head. Its objective is non-convex in the two factors, and from a random start L-BFGS
-spends most of its iterations finding the shared subspace. :func:`reduced_rank_init_` starts it near
-the optimum instead: one ridge solve from X to the stacked targets (centred label indicators and the
-byproducts), the best rank-``r`` subspace of the fitted targets, a fit of the logit scale and the label
-biases, and a balanced split of the resulting map into the two factors.
+the byproduct head. Its objective is non-convex in the two factors and, on embeddings whose variance
+sits in a few directions, badly conditioned; from a random start L-BFGS spends most of its iterations
+on both. :func:`reduced_rank_init_` starts near the optimum instead (one ridge solve from x to the
+stacked targets, the best rank-``r`` shared subspace, the logit scale, a balanced split into the two
+factors), and :func:`whitened` lets the optimiser work on ``W1`` in whitened coordinates (same
+objective). :func:`feature_moments` computes the covariance both need once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.nn.utils import parametrize
 from .heads import PooledHead
 from .losses import LABEL_TASKS, label_loss
 
-__all__ = ["feature_moments", "reduced_rank_init_", "whitened"]
+__all__ = ["FeatureMoments", "feature_moments", "reduced_rank_init_", "whitened"]
 
 # Ridge jitter relative to the mean feature variance, so that alpha=0 still gives a solvable system.
 _JITTER = 1e-6
@@ -38,7 +39,7 @@ def reduced_rank_init_(
     byproduct_weight: float = 1.0,
     alpha: float = 0.0,
     sample_weight: Tensor | None = None,
-    moments: tuple[Tensor, Tensor] | None = None,
+    moments: FeatureMoments | None = None,
 ) -> PooledHead:
     """Initialise a linear :class:`PooledHead` in place by reduced-rank ridge regression.
 
@@ -72,8 +73,8 @@ def reduced_rank_init_(
     alpha : float, default=0.0
         Ridge penalty (on the mean loss), the training's L2 strength.
     sample_weight : Tensor of shape (n,), optional
-    moments : (Tensor, Tensor), optional
-        ``feature_moments(x, sample_weight)``, when already computed.
+    moments : FeatureMoments, optional
+        ``feature_moments(x, sample_weight)``, when already computed (its Cholesky factor is cached).
 
     Returns
     -------
@@ -101,7 +102,8 @@ def reduced_rank_init_(
     n_outputs = head.label_head.out_features
     rank = head.trunk.out_features
     x = x.detach()
-    x_mean, cov = feature_moments(x, sample_weight) if moments is None else moments
+    moments = feature_moments(x, sample_weight) if moments is None else moments
+    x_mean, cov = moments
     w = _normalized_weights(x, sample_weight)
 
     # Targets and their weighted centred cross-products with x: n-sized work in x's dtype.
@@ -118,9 +120,7 @@ def reduced_rank_init_(
     xc = x - x_mean.to(x.dtype)
     cross = (xc.T @ ((t - t_mean) * w[:, None])).to(torch.float64)  # (d, m)
 
-    ridge = _ridge(cov, alpha)
-    system = cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    coef = torch.cholesky_solve(cross, torch.linalg.cholesky(system))  # (d, m)
+    coef = torch.cholesky_solve(cross, moments.cholesky(alpha))  # (d, m)
 
     # Reduced-rank regression: project onto the top eigenvectors of the fitted targets' covariance.
     _, vectors = torch.linalg.eigh(coef.T @ cov @ coef)
@@ -160,7 +160,35 @@ def reduced_rank_init_(
     return head
 
 
-def feature_moments(x: Tensor, sample_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+class FeatureMoments:
+    """Weighted mean and covariance of a feature matrix (float64), see :func:`feature_moments`.
+
+    Unpacks as ``mean, cov = moments``; :meth:`cholesky` factors are computed once per ``alpha``.
+
+    Parameters
+    ----------
+    mean : Tensor of shape (d,)
+    cov : Tensor of shape (d, d)
+    """
+
+    def __init__(self, mean: Tensor, cov: Tensor) -> None:
+        self.mean, self.cov = mean, cov
+        self._factors: dict[float, Tensor] = {}
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter((self.mean, self.cov))
+
+    def cholesky(self, alpha: float = 0.0) -> Tensor:
+        """Lower Cholesky factor of ``cov + ridge I``, ``ridge = alpha`` (at least a small jitter)."""
+        alpha = float(alpha)
+        if alpha not in self._factors:
+            ridge = max(alpha, _JITTER * float(self.cov.diagonal().mean()), torch.finfo(torch.float64).tiny)
+            eye = torch.eye(self.cov.shape[0], dtype=self.cov.dtype, device=self.cov.device)
+            self._factors[alpha] = torch.linalg.cholesky(self.cov + ridge * eye)
+        return self._factors[alpha]
+
+
+def feature_moments(x: Tensor, sample_weight: Tensor | None = None) -> FeatureMoments:
     """Weighted mean and covariance of the rows of ``x``, in float64.
 
     The ``n x d x d`` product runs in ``x``'s dtype (float32 is accurate enough for a preconditioner
@@ -173,8 +201,8 @@ def feature_moments(x: Tensor, sample_weight: Tensor | None = None) -> tuple[Ten
 
     Returns
     -------
-    mean : Tensor of shape (d,)
-    cov : Tensor of shape (d, d)
+    FeatureMoments
+        ``(mean, cov)``.
 
     Examples
     --------
@@ -188,43 +216,45 @@ def feature_moments(x: Tensor, sample_weight: Tensor | None = None) -> tuple[Ten
     mean = w @ x
     xc = x - mean
     cov = xc.T @ (xc * w[:, None])
-    return mean.to(torch.float64), cov.to(torch.float64)
+    return FeatureMoments(mean.to(torch.float64), cov.to(torch.float64))
 
 
-class _RightMultiply(nn.Module):
-    """Parametrisation ``W = V @ P`` with a fixed invertible ``P`` (and ``V = W @ P^-1`` to set it)."""
+class _LowerTriangularSolve(nn.Module):
+    """Parametrisation ``W = V @ L^-1`` for a fixed lower-triangular ``L`` (and ``V = W @ L`` to set it)."""
 
-    def __init__(self, matrix: Tensor, inverse: Tensor) -> None:
+    def __init__(self, factor: Tensor) -> None:
         super().__init__()
-        self.register_buffer("matrix", matrix)
-        self.register_buffer("inverse", inverse)
+        self.register_buffer("factor", factor)
 
     def forward(self, v: Tensor) -> Tensor:
-        return v @ self.matrix
+        return torch.linalg.solve_triangular(self.factor, v, upper=False, left=False)
 
     def right_inverse(self, w: Tensor) -> Tensor:
-        return w @ self.inverse
+        return w @ self.factor
 
 
 @contextlib.contextmanager
-def whitened(linear: nn.Linear, cov: Tensor, alpha: float = 0.0) -> Iterator[nn.Linear]:
+def whitened(linear: nn.Linear, moments: FeatureMoments, alpha: float = 0.0) -> Iterator[nn.Linear]:
     """Optimise ``linear.weight`` in whitened coordinates while the context is open.
 
-    Inside the context the weight is ``W = V @ P`` with ``P = (cov + alpha I)^-1/2`` and the trainable
-    parameter is ``V`` (a :mod:`torch.nn.utils.parametrize` parametrisation): the same function and the
-    same objective (an L2 penalty computed on ``linear.weight`` still sees ``W``), but for a quadratic
-    loss the Hessian in ``V`` is the identity, so quasi-Newton methods no longer pay for the
-    ill-conditioning of the features (embeddings whose variance sits in a few directions). On exit
+    Inside the context the weight is ``W = V @ P`` with ``P = L^-1``, ``L L^T = cov + alpha I`` (a
+    Cholesky factor; ``P`` is applied by a triangular solve) and the trainable parameter is ``V`` (a
+    :mod:`torch.nn.utils.parametrize` parametrisation): the same function and the same objective (an
+    L2 penalty computed on ``linear.weight`` still sees ``W``), but for a quadratic loss the Hessian in
+    ``V`` is the identity, so quasi-Newton methods no longer pay for the ill-conditioning of the
+    features (embeddings whose variance sits in a few directions). Any ``P`` with
+    ``P (cov + alpha I) P^T = I`` differs from ``(cov + alpha I)^-1/2`` by a rotation, to which L-BFGS
+    is nearly invariant (all but its first step's length); the Cholesky factor is the cheapest. On exit
     ``linear.weight`` is a plain parameter again, holding the trained ``W``.
 
     Parameters
     ----------
     linear : torch.nn.Linear
         The layer reading the features.
-    cov : Tensor of shape (in_features, in_features)
-        Covariance of the layer's input (see :func:`feature_moments`).
+    moments : FeatureMoments
+        Of the layer's input (see :func:`feature_moments`).
     alpha : float, default=0.0
-        Ridge added to ``cov`` (at least a small jitter, so ``P`` is finite).
+        Ridge added to the covariance (at least a small jitter, so ``P`` is finite).
 
     Yields
     ------
@@ -236,26 +266,18 @@ def whitened(linear: nn.Linear, cov: Tensor, alpha: float = 0.0) -> Iterator[nn.
     >>> import torch
     >>> lin = torch.nn.Linear(3, 2, bias=False)
     >>> before = lin.weight.detach().clone()
-    >>> with whitened(lin, torch.diag(torch.tensor([1.0, 4.0, 9.0]))) as layer:
+    >>> moments = FeatureMoments(torch.zeros(3), torch.diag(torch.tensor([1.0, 4.0, 9.0])))
+    >>> with whitened(lin, moments) as layer:
     ...     names = [name for name, _ in layer.named_parameters()]
     >>> names, bool(torch.allclose(lin.weight, before, atol=1e-5))
     (['parametrizations.weight.original'], True)
     """
-    cov = cov.to(torch.float64)
-    values, vectors = torch.linalg.eigh(cov)
-    values = values.clamp_min(0.0) + _ridge(cov, alpha)
-    dtype = linear.weight.dtype
-    matrix = ((vectors * values.rsqrt()) @ vectors.T).to(dtype)
-    inverse = ((vectors * values.sqrt()) @ vectors.T).to(dtype)
-    parametrize.register_parametrization(linear, "weight", _RightMultiply(matrix, inverse))
+    factor = moments.cholesky(alpha).to(linear.weight.dtype)
+    parametrize.register_parametrization(linear, "weight", _LowerTriangularSolve(factor))
     try:
         yield linear
     finally:
         parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
-
-
-def _ridge(cov: Tensor, alpha: float) -> float:
-    return max(float(alpha), _JITTER * float(cov.diagonal().mean()), torch.finfo(torch.float64).tiny)
 
 
 def _normalized_weights(x: Tensor, sample_weight: Tensor | None) -> Tensor:
