@@ -24,7 +24,11 @@ def _problem(n=400, d=6, seed=0):
 def test_feature_moments_match_numpy():
     x, _, _ = _problem()
     w = torch.rand(x.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    mean, cov = feature_moments(x, w)
+    moments = feature_moments(x, w)
+    mean, cov = moments
+    factor = moments.cholesky(1e-3)
+    assert moments.cholesky(1e-3) is factor  # computed once, shared by the start and the preconditioner
+    torch.testing.assert_close(factor @ factor.T, cov + 1e-3 * torch.eye(6, dtype=torch.float64))
     np.testing.assert_allclose(mean.numpy(), np.average(x.numpy(), axis=0, weights=w.numpy()), atol=1e-10)
     np.testing.assert_allclose(cov.numpy(), np.cov(x.numpy().T, aweights=w.numpy(), bias=True), atol=1e-10)
     assert mean.dtype == cov.dtype == torch.float64
