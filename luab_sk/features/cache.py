@@ -103,7 +103,7 @@ class EmbeddingCache:
         self.config = config
         self.outputs = tuple(outputs)
         self.key = config_key(config)
-        self.path = Path(cache_dir) / self.key
+        self.path = Path(cache_dir).expanduser() / self.key
         (self.path / "shards").mkdir(parents=True, exist_ok=True)
         self._lock = FileLock(str(self.path / ".lock"), timeout=lock_timeout)
         if not (self.path / "config.json").exists():
@@ -319,7 +319,7 @@ def cache_info(cache_dir) -> list[dict]:
     >>> cache_info(tempfile.mkdtemp())
     []
     """
-    root = Path(cache_dir)
+    root = Path(cache_dir).expanduser()
     if not root.is_dir():
         return []
     return [_store_info(p) for p in sorted(root.iterdir()) if (p / "config.json").is_file()]

@@ -153,7 +153,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     dtype : {"float32", "float16"}, default="float32"
         Storage and output dtype.
     cache_dir : str or None, default=None
-        Directory of the embedding cache; None computes everything in memory every time.
+        Directory of the embedding cache (``~`` is expanded); None computes everything in memory every time.
     image_id : {"content", "path"}, default="content"
         How cached images are identified: by a hash of the file bytes / pixels, or (paths only) by path,
         size and modification time, which skips reading the files.
