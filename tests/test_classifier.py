@@ -204,7 +204,9 @@ def test_clone_pickle_joblib_round_trip(data, tmp_path):
     clf = _fit(X, y, Z, head="mlp")
     assert clone(clf).get_params() == clf.get_params() and not hasattr(clone(clf), "module_")
     expected = clf.predict_proba(X_test)
+    module = clf.module_
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(clf)).predict_proba(X_test), expected)
+    assert clf.module_ is module  # pickling leaves the live estimator (and its device) alone
     joblib.dump(clf, tmp_path / "clf.joblib")
     restored = joblib.load(tmp_path / "clf.joblib")
     np.testing.assert_array_equal(restored.predict_proba(X_test), expected)

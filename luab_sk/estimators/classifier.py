@@ -556,7 +556,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
     # ---------------------------------------------------------------- state
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: Python 3.11 hands out the live __dict__
         if "module_" in state:  # pickles load on machines without the training device
             state["module_"] = copy.deepcopy(state["module_"]).cpu()
         return state
