@@ -173,7 +173,7 @@ def test_bad_inputs_raise_precise_errors():
     imputer = KNNByproductImputer(n_neighbors=2).fit(X, Z)
     with pytest.raises(ValueError, match="X has 4 features, but KNNByproductImputer is expecting 3"):
         imputer.transform(rng.normal(size=(5, 4)), np.full((5, 2), np.nan))
-    with pytest.raises(ValueError, match="Z has 3 columns but the imputer was fitted on 2"):
+    with pytest.raises(ValueError, match="Z has 3 columns, expected 2"):
         imputer.transform(X, np.full((20, 3), np.nan))
 
 

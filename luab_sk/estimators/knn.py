@@ -18,8 +18,9 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._base import check_byproducts
 from ._faiss import FaissGPUFallbackWarning, NeighborIndex, check_search_params, faiss_threads, gpu_id_for
 
 __all__ = ["FaissGPUFallbackWarning", "FaissKNNClassifier", "KNNByproductImputer"]
@@ -374,16 +375,9 @@ class KNNByproductImputer(BaseEstimator):
         self.random_state = random_state
 
     def _check_Z(self, Z, n_samples, n_columns=None):
-        if isinstance(Z, dict):
-            raise TypeError("Z must be an array of shape (n_samples, n_byproducts), got a dict.")
-        Z = check_array(Z, dtype=np.float64, ensure_all_finite="allow-nan", input_name="Z")
-        if Z.shape[0] != n_samples:
-            raise ValueError(
-                f"Z has {Z.shape[0]} rows but X has {n_samples}; they must describe the same samples."
-            )
-        if n_columns is not None and Z.shape[1] != n_columns:
-            raise ValueError(f"Z has {Z.shape[1]} columns but the imputer was fitted on {n_columns}.")
-        return Z
+        if Z is None:
+            raise ValueError("KNNByproductImputer needs Z, the byproducts to impute (NaN rows are filled).")
+        return check_byproducts(Z, n_samples, n_columns=n_columns, dtype=np.float64)
 
     def fit(self, X, Z):
         """Index the features of the annotated rows of Z.
