@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.utils import check_consistent_length
 
-__all__ = ["group_accuracies", "worst_group_accuracy", "pointing_game", "byproduct_error"]
+__all__ = ["attention_grid", "group_accuracies", "worst_group_accuracy", "pointing_game", "byproduct_error"]
 
 
 def group_accuracies(y_true, y_pred, groups):
@@ -70,6 +70,49 @@ def worst_group_accuracy(y_true, y_pred, groups):
     return min(group_accuracies(y_true, y_pred, groups).values())
 
 
+def attention_grid(attention, grid=None, *, name="attention"):
+    """Attention maps as an (n, H, W) array, from (n, H, W), (n, H * W) or single-map (n, 1, H * W) input.
+
+    Parameters
+    ----------
+    attention : array-like
+        Maps over a grid of image cells, row-major.
+    grid : (int, int), optional
+        (H, W) of flat maps; needed unless the maps are square.
+    name : str, default="attention"
+        Argument name used in error messages.
+
+    Returns
+    -------
+    ndarray of shape (n, H, W)
+
+    Examples
+    --------
+    >>> attention_grid([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]], grid=(2, 3)).shape
+    (1, 2, 3)
+    """
+    att = np.asarray(attention, dtype=float)
+    if att.ndim == 3 and att.shape[1] == 1 and (grid is None or tuple(grid) != att.shape[1:]):
+        att = att[:, 0]  # (n, 1, L) as returned by single-map attention heads
+    if att.ndim == 2:
+        if grid is None:
+            side = int(round(np.sqrt(att.shape[1])))
+            if side * side != att.shape[1]:
+                raise ValueError(
+                    f"{name} has {att.shape[1]} cells per map, not a square grid: pass grid=(H, W)."
+                )
+            grid = (side, side)
+        h, w = (int(v) for v in grid)
+        if h * w != att.shape[1]:
+            raise ValueError(f"grid={tuple(grid)} has {h * w} cells but {name} has {att.shape[1]} per map.")
+        return att.reshape(len(att), h, w)
+    if att.ndim != 3:
+        raise ValueError(f"{name} must be (n, H, W), (n, H*W) or (n, 1, H*W), got shape {att.shape}.")
+    if grid is not None and tuple(grid) != att.shape[1:]:
+        raise ValueError(f"grid={tuple(grid)} disagrees with {name} maps of shape {att.shape[1:]}.")
+    return att
+
+
 def pointing_game(attention, boxes, *, grid=None, tolerance=0.0, return_hits=False):
     """Share of attention maps whose argmax lies inside the ground-truth box.
 
@@ -104,26 +147,10 @@ def pointing_game(attention, boxes, *, grid=None, tolerance=0.0, return_hits=Fal
     >>> pointing_game(att, [[0.0, 0.0, 0.5, 0.5]])
     0.0
     """
-    att = np.asarray(attention, dtype=float)
+    att = attention_grid(attention, grid)
     boxes = np.asarray(boxes, dtype=float)
-    if att.ndim == 3:
-        if grid is not None and tuple(grid) != att.shape[1:]:
-            raise ValueError(f"grid={tuple(grid)} disagrees with attention maps of shape {att.shape[1:]}.")
-        h, w = att.shape[1:]
-        att = att.reshape(len(att), -1)
-    elif att.ndim == 2:
-        if grid is None:
-            side = int(round(np.sqrt(att.shape[1])))
-            if side * side != att.shape[1]:
-                raise ValueError(
-                    f"attention has {att.shape[1]} cells per map, not a square grid: pass grid=(H, W)."
-                )
-            grid = (side, side)
-        h, w = (int(v) for v in grid)
-        if h * w != att.shape[1]:
-            raise ValueError(f"grid={grid} has {h * w} cells but attention has {att.shape[1]} per map.")
-    else:
-        raise ValueError(f"attention must be (n, H, W) or (n, H*W), got shape {att.shape}.")
+    n, h, w = att.shape
+    att = att.reshape(n, h * w)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (n_samples, 4), got {boxes.shape}.")
     check_consistent_length(att, boxes)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .metrics import attention_grid
+
 __all__ = ["plot_attention_overlays", "plot_byproduct_weight_curve"]
 
 
@@ -23,23 +25,7 @@ def _pyplot():
 
 
 def _as_maps(attention, n_images, grid, name):
-    att = np.asarray(attention, dtype=float)
-    if att.ndim == 3 and att.shape[1] == 1:  # (n, 1, L) as returned by single-map attention heads
-        att = att[:, 0]
-    if att.ndim == 2:
-        if grid is None:
-            side = int(round(np.sqrt(att.shape[1])))
-            if side * side != att.shape[1]:
-                raise ValueError(
-                    f"{name} has {att.shape[1]} cells per map, not a square grid: pass grid=(H, W)."
-                )
-            grid = (side, side)
-        h, w = (int(v) for v in grid)
-        if h * w != att.shape[1]:
-            raise ValueError(f"grid={tuple(grid)} has {h * w} cells but {name} has {att.shape[1]} per map.")
-        att = att.reshape(len(att), h, w)
-    if att.ndim != 3:
-        raise ValueError(f"{name} must have shape (n, H*W), (n, 1, H*W) or (n, H, W), got {att.shape}.")
+    att = attention_grid(attention, grid, name=name)
     if len(att) != n_images:
         raise ValueError(f"{name} has {len(att)} maps but there are {n_images} images.")
     return att
