@@ -340,7 +340,7 @@ def multitask_loss(
     """
     lbl = label_loss(output.logits, y, task, sample_weight=sample_weight)
     if z is None or byproduct_weight == 0:
-        zero = output.logits.sum() * 0.0
+        zero = lbl * 0.0  # attached to the graph, without a pass over the logits
         return MultitaskLoss(lbl, lbl, zero)
     if byproduct_target == "regression":
         if output.byproducts is None:
