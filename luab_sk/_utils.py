@@ -31,5 +31,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'.")
+        raise ValueError(
+            f"device={device!r} was requested but CUDA is not available; use device='cpu' or 'auto'."
+        )
     return dev
