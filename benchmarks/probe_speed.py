@@ -85,7 +85,7 @@ def lr_objective(pipe, X, y, alpha):
     target = torch.as_tensor(np.searchsorted(lr.classes_, y))
     loss = torch.nn.functional.cross_entropy(x @ W.T + b, target) + 0.5 * alpha * W.pow(2).sum()
     loss.backward()
-    return float(loss), max(float(W.grad.abs().max()), float(b.grad.abs().max()))
+    return float(loss.detach()), max(float(W.grad.abs().max()), float(b.grad.abs().max()))
 
 
 def our_objective(clf, X, y, Z):
@@ -100,7 +100,7 @@ def our_objective(clf, X, y, Z):
     loss = clf._objective(module, x, target, z, None) + 0.5 * clf.alpha * l2_penalty(module)
     loss.backward()
     module.eval()
-    return float(loss), max(float(p.grad.abs().max()) for p in module.parameters())
+    return float(loss.detach()), max(float(p.grad.abs().max()) for p in module.parameters())
 
 
 def linear_rows(name, X_train, y_train, Z_train, X_test, y_test, args, device):

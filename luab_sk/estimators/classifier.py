@@ -308,7 +308,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             data = [None if t is None else t[train_index] for t in data]
         solver = self._resolve_solver(X)
         precondition = contextlib.nullcontext()
-        if self.head == "linear":
+        if self.head == "linear" and (not warm or solver == "lbfgs"):
             x_fit, y_fit, z_fit, w_fit = data
             moments = feature_moments(x_fit, w_fit)
             if not warm:
