@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.special import expit, softmax
+from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted
@@ -30,6 +31,7 @@ __all__ = [
     "nan_standardization",
     "seed_from",
     "torch_seeded",
+    "validation_split",
 ]
 
 _SLICING_NOTE = (
@@ -420,3 +422,35 @@ class LUABClassifierMixin:
         tags.classifier_tags.multi_label = True
         tags.target_tags.multi_output = True
         return tags
+
+
+def validation_split(labels: LabelEncoding, validation_fraction: float, seed: int):
+    """Sorted training and early-stopping validation indices, stratified when every class allows.
+
+    Parameters
+    ----------
+    labels : LabelEncoding
+        The encoded targets (see :func:`encode_labels`); multi-label targets are split without stratifying.
+    validation_fraction : float
+        Share of the samples held out.
+    seed : int
+
+    Returns
+    -------
+    train, val : ndarray of int
+
+    Examples
+    --------
+    >>> train, val = validation_split(encode_labels(["a", "b"] * 10), 0.2, seed=0)
+    >>> len(train), len(val)
+    (16, 4)
+    """
+    indices = np.arange(labels.y.shape[0])
+    stratify = None if labels.task == "multilabel" else labels.y
+    try:
+        train, val = train_test_split(
+            indices, test_size=validation_fraction, random_state=seed, stratify=stratify
+        )
+    except ValueError:  # a class too small to stratify
+        train, val = train_test_split(indices, test_size=validation_fraction, random_state=seed)
+    return np.sort(train), np.sort(val)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["TrainResult", "l2_penalty", "train_module"]
+__all__ = ["EarlyStopping", "TrainResult", "l2_penalty", "train_module"]
 
 Batch = Sequence[Tensor | None]
 
@@ -148,7 +148,7 @@ def train_module(
         loss = objective(module, *batch)
         return loss + 0.5 * alpha * l2_penalty(module) if alpha else loss
 
-    tracker = _EarlyStopping(module, validation, tol, n_iter_no_change)
+    tracker = EarlyStopping(module, validation, tol, n_iter_no_change)
     loss_curve: list[float] = []
     converged = False
     module.train()
@@ -239,7 +239,9 @@ class _CachedClosure:
         return loss.detach()
 
 
-class _EarlyStopping:
+class EarlyStopping:
+    """Track a validation score, keep the best parameters, and say when patience has run out."""
+
     def __init__(self, module: nn.Module, validation, tol: float, patience: int) -> None:
         self.module, self.validation, self.tol, self.patience = module, validation, tol, patience
         self.scores: list[float] = []
@@ -267,7 +269,7 @@ class _EarlyStopping:
             self.module.load_state_dict(self.best_state)
 
 
-def _report(verbose: int, iteration: int, loss: float, tracker: _EarlyStopping) -> None:
+def _report(verbose: int, iteration: int, loss: float, tracker: EarlyStopping) -> None:
     if verbose > 0:
         extra = f", validation score {tracker.scores[-1]:.5f}" if tracker.scores else ""
         print(f"Iteration {iteration}: objective {loss:.6f}{extra}", flush=True)

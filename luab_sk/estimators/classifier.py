@@ -13,7 +13,6 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
@@ -29,6 +28,7 @@ from ._base import (
     nan_standardization,
     seed_from,
     torch_seeded,
+    validation_split,
 )
 from ._training import train_module
 
@@ -302,7 +302,8 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             data[2] = _tensor(Z, device)
         validation = None
         if self.early_stopping:
-            train_index, val_index = (torch.as_tensor(i, device=device) for i in self._split(labels, seed))
+            split = validation_split(labels, self.validation_fraction, seed)
+            train_index, val_index = (torch.as_tensor(i, device=device) for i in split)
             x_all, y_all, _, w_all = data
             validation = ([x_all[val_index], y_all[val_index], w_all[val_index]], self._validation_score)
             data = [None if t is None else t[train_index] for t in data]
@@ -389,18 +390,6 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
     def _validation_score(self, module, x, y, w):
         return -float(label_loss(module(x).logits, y, self.task_, sample_weight=w))
-
-    def _split(self, labels, seed):
-        """Sorted training and early-stopping validation indices (stratified when every class allows)."""
-        indices = np.arange(labels.y.shape[0])
-        stratify = None if labels.task == "multilabel" else labels.y
-        try:
-            train, val = train_test_split(
-                indices, test_size=self.validation_fraction, random_state=seed, stratify=stratify
-            )
-        except ValueError:  # a class too small to stratify
-            train, val = train_test_split(indices, test_size=self.validation_fraction, random_state=seed)
-        return np.sort(train), np.sort(val)
 
     def _check_params(self):
         if self.head not in HEADS:

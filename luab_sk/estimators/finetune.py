@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 from torch import nn
@@ -33,8 +32,9 @@ from ._base import (
     encode_labels,
     seed_from,
     torch_seeded,
+    validation_split,
 )
-from ._training import _EarlyStopping
+from ._training import EarlyStopping
 
 __all__ = ["LUABFineTuner"]
 
@@ -316,7 +316,9 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             model = self.model_.to(device)
             if self.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            train_index, val_index = self._split(labels, seed)
+            train_index, val_index = np.arange(len(labels.y)), None
+            if self.early_stopping:
+                train_index, val_index = validation_split(labels, self.validation_fraction, seed)
             train_loader = self._loader(X, labels.y, Z, train_index, seed, train=True)
             steps_per_epoch = len(train_loader)
             optimizer = self._optimizer(model)
@@ -329,7 +331,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             if val_index is not None:
                 val_loader = self._loader(X, labels.y, None, val_index, seed, train=False)
                 validation = ((), partial(self._validation_score, loader=val_loader, device=device))
-            tracker = _EarlyStopping(model, validation, float(self.tol), self.n_iter_no_change)
+            tracker = EarlyStopping(model, validation, float(self.tol), self.n_iter_no_change)
             start, self.loss_curve_ = 0, []
             if checkpoint is not None:
                 start = self._restore(checkpoint, model, optimizer, scheduler, tracker, device)
@@ -475,20 +477,6 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             pin_memory=resolve_device(self.device).type == "cuda",
             generator=torch.Generator() if train else None,
         )
-
-    def _split(self, labels, seed):
-        """Training and early-stopping validation indices (stratified when every class allows)."""
-        indices = np.arange(labels.y.shape[0])
-        if not self.early_stopping:
-            return indices, None
-        stratify = None if labels.task == "multilabel" else labels.y
-        try:
-            train, val = train_test_split(
-                indices, test_size=self.validation_fraction, random_state=seed, stratify=stratify
-            )
-        except ValueError:  # a class too small to stratify
-            train, val = train_test_split(indices, test_size=self.validation_fraction, random_state=seed)
-        return np.sort(train), np.sort(val)
 
     def _autocast(self, device):
         enabled = self.amp is True or (self.amp == "auto" and device.type == "cuda")
