@@ -161,7 +161,7 @@ def drop_unusable_byproducts(Z: np.ndarray | None, byproduct_weight: float, *, n
 
 
 def check_click_points(Z: np.ndarray, n_outputs: int, *, name: str = "Z") -> None:
-    """Check byproducts meant for an attention head: click points (x, y) in [0, 1].
+    """Check click-point byproducts (attention heads, or images that are cropped with their clicks).
 
     Parameters
     ----------
@@ -183,18 +183,18 @@ def check_click_points(Z: np.ndarray, n_outputs: int, *, name: str = "Z") -> Non
     >>> check_click_points(np.zeros((2, 3)), n_outputs=3)
     Traceback (most recent call last):
     ...
-    ValueError: head='attention' needs Z of click points (n_samples, 2) or one point per class ...
+    ValueError: Z must hold click points, (n_samples, 2) or one point per class ...
     """
     width = Z.shape[1]
     if width != 2 and not (n_outputs > 1 and width == 2 * n_outputs):
         raise ValueError(
-            f"head='attention' needs {name} of click points (n_samples, 2) or one point per class "
+            f"{name} must hold click points, (n_samples, 2) or one point per class "
             f"(n_samples, {2 * n_outputs}); got {width} columns."
         )
     observed = Z[~np.isnan(Z)]
     if observed.size and (observed.min() < 0 or observed.max() > 1):
         raise ValueError(
-            f"head='attention' needs {name} points (x, y) in [0, 1] image coordinates (NaN = missing)."
+            f"{name} must hold click points (x, y) in [0, 1] image coordinates (NaN = missing)."
         )
 
 
