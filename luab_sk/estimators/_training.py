@@ -17,6 +17,11 @@ __all__ = ["EarlyStopping", "TrainResult", "l2_penalty", "train_module"]
 
 Batch = Sequence[Tensor | None]
 
+# L-BFGS stall guard: this many consecutive iterations, each lowering the objective by at most
+# _STALL_EPS_FACTOR machine epsilons (relative), end the fit.
+_STALL_ITERATIONS = 3
+_STALL_EPS_FACTOR = 16
+
 
 class TrainResult(NamedTuple):
     """Outcome of :func:`train_module`.
@@ -101,13 +106,23 @@ def train_module(
     data : sequence of Tensor or None
         Training tensors sharing their first dimension (None entries are passed through unsliced).
     solver : {"lbfgs", "adamw"}, default="lbfgs"
-        ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` with a strong Wolfe line search; stops when
-        the objective decreases by less than ``tol * max(|f|, 1)`` in an iteration. ``"adamw"``:
-        mini-batch :class:`torch.optim.AdamW` (the L2 term is in the objective, so ``weight_decay=0``);
-        stops when the epoch loss has not improved by ``tol`` for ``n_iter_no_change`` epochs.
+        ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` with a strong Wolfe line search.
+        ``"adamw"``: mini-batch :class:`torch.optim.AdamW` (the L2 term is in the objective, so
+        ``weight_decay=0``). See ``tol`` for their stopping rules.
     max_iter : int, default=100
         Maximum L-BFGS iterations or AdamW epochs.
     tol : float, default=1e-5
+        Stopping tolerance.
+
+        - L-BFGS, like scikit-learn's ``LogisticRegression(solver="lbfgs")`` (which passes ``tol`` to
+          SciPy's L-BFGS-B as ``gtol``): stop after the first iteration at which the largest absolute
+          entry of the gradient of the objective (the mean loss plus the L2 term) with respect to the
+          optimised parameters is at most ``tol``. As a safety net against stalls (a line search that
+          can no longer make progress at the objective's floating-point resolution), it also stops after
+          3 consecutive iterations that each lower the objective by at most ``16 * eps * max(|f|, 1)``,
+          ``eps`` being the machine epsilon of the objective's dtype.
+        - AdamW: stop when the epoch loss has not improved by ``tol`` for ``n_iter_no_change`` epochs.
+        - Early stopping (``validation``): the improvement in validation score that resets the patience.
     alpha : float, default=0.0
         L2 strength: ``alpha / 2 * sum(W ** 2)`` over weight matrices.
     batch_size : int, default=256
@@ -154,7 +169,10 @@ def train_module(
     module.train()
     if solver == "lbfgs":
         # One iteration per step() so every iteration can be monitored; max_eval must be set explicitly,
-        # its default (max_iter * 5 // 4 = 1) would leave the line search no evaluations.
+        # its default (max_iter * 5 // 4 = 1) would leave the line search no evaluations. torch's own
+        # tests are switched off (they are absolute: tolerance_change=1e-9 refuses any step whose
+        # directional derivative is above -1e-9, which near the optimum stalls the fit well before
+        # tol); the stopping rules below replace them.
         optimizer = torch.optim.LBFGS(
             params,
             lr=1.0,
@@ -163,19 +181,20 @@ def train_module(
             history_size=20,
             line_search_fn="strong_wolfe",
             tolerance_grad=0.0,
+            tolerance_change=0.0,
         )
         closure = _CachedClosure(params, optimizer, lambda: total_loss(data))
-        previous = float(closure())
+        first = closure()
+        stall_tol = _STALL_EPS_FACTOR * torch.finfo(first.dtype).eps
+        previous, stalled = float(first), 0
         for _ in range(max_iter):
             optimizer.step(closure)
             current = float(closure())  # cached: evaluated by the line search
             loss_curve.append(current)
             stop = tracker.update()
             _report(verbose, len(loss_curve), current, tracker)
-            if stop:
-                converged = True
-                break
-            if previous - current <= tol * max(abs(current), abs(previous), 1.0):
+            stalled = stalled + 1 if previous - current <= stall_tol * max(abs(current), 1.0) else 0
+            if stop or closure.max_abs_grad() <= tol or stalled >= _STALL_ITERATIONS:
                 converged = True
                 break
             previous = current
@@ -222,6 +241,7 @@ class _CachedClosure:
     def __init__(self, params: list[Tensor], optimizer: torch.optim.Optimizer, fn: Callable[[], Tensor]):
         self.params, self.optimizer, self.fn = params, optimizer, fn
         self.cache: list[tuple[Tensor, Tensor, list[Tensor]]] = []
+        self.last_grads: list[Tensor] = []
 
     def __call__(self) -> Tensor:
         flat = torch.cat([p.detach().reshape(-1) for p in self.params])
@@ -229,6 +249,7 @@ class _CachedClosure:
             if torch.equal(key, flat):
                 for p, g in zip(self.params, grads):
                     p.grad = g.clone()
+                self.last_grads = grads
                 return loss
         self.optimizer.zero_grad(set_to_none=False)
         with torch.enable_grad():
@@ -236,7 +257,12 @@ class _CachedClosure:
             loss.backward()
         grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
         self.cache = [*self.cache[-3:], (flat, loss.detach(), grads)]
+        self.last_grads = grads
         return loss.detach()
+
+    def max_abs_grad(self) -> float:
+        """Largest absolute gradient entry at the point of the last call (from memory, no evaluation)."""
+        return max((float(g.abs().max()) for g in self.last_grads if g.numel()), default=0.0)
 
 
 class EarlyStopping:
