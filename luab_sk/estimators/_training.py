@@ -114,11 +114,13 @@ def train_module(
     tol : float, default=1e-5
         Stopping tolerance.
 
-        - L-BFGS, like scikit-learn's ``LogisticRegression(solver="lbfgs")`` (which passes ``tol`` to
-          SciPy's L-BFGS-B as ``gtol``): stop after the first iteration at which the largest absolute
-          entry of the gradient of the objective (the mean loss plus the L2 term) with respect to the
-          optimised parameters is at most ``tol``. As a safety net against stalls (a line search that
-          can no longer make progress at the objective's floating-point resolution), it also stops after
+        - L-BFGS, like scikit-learn's ``LogisticRegression(solver="lbfgs")`` (which passes ``tol`` to SciPy's
+          L-BFGS-B as ``gtol``): stop after the first iteration at which the largest absolute entry of the
+          gradient of the objective (the mean loss plus the L2 term) with respect to the optimised parameters
+          is at most ``tol`` (under a :mod:`~torch.nn.utils.parametrize` reparametrisation, such as
+          :func:`luab_sk.nn.whitened`, the parameters the optimiser stores). The gradient is the one the last
+          line search computed; checking costs no evaluation. As a safety net against stalls (a line search
+          that can no longer make progress at the objective's floating-point resolution), it also stops after
           3 consecutive iterations that each lower the objective by at most ``16 * eps * max(|f|, 1)``,
           ``eps`` being the machine epsilon of the objective's dtype.
         - AdamW: stop when the epoch loss has not improved by ``tol`` for ``n_iter_no_change`` epochs.
@@ -262,7 +264,8 @@ class _CachedClosure:
 
     def max_abs_grad(self) -> float:
         """Largest absolute gradient entry at the point of the last call (from memory, no evaluation)."""
-        return max((float(g.abs().max()) for g in self.last_grads if g.numel()), default=0.0)
+        maxima = [g.abs().max() for g in self.last_grads if g.numel()]
+        return float(torch.stack(maxima).max()) if maxima else 0.0
 
 
 class EarlyStopping:

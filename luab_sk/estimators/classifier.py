@@ -101,14 +101,14 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     max_iter : int, default=200
         Maximum L-BFGS iterations or AdamW epochs.
     tol : float, default=1e-4
-        Stopping tolerance. L-BFGS uses scikit-learn's criterion for ``LogisticRegression(
-        solver="lbfgs")`` (SciPy's ``gtol``): it stops after the first iteration at which the largest
-        absolute entry of the gradient of the training objective (mean loss plus the L2 term, including
-        the byproduct loss) with respect to the optimised parameters is at most ``tol``; as a safety net
-        it also stops after 3 consecutive iterations that each lower the objective by only a few machine
-        epsilons (relative). AdamW stops when the epoch loss has not improved by ``tol`` for
-        ``n_iter_no_change`` epochs; with ``early_stopping``, a validation score must improve by ``tol``
-        to reset the patience. See :func:`~luab_sk.estimators._training.train_module`.
+        Stopping tolerance. L-BFGS uses scikit-learn's criterion for ``LogisticRegression(solver="lbfgs")``
+        (SciPy's ``gtol``): it stops after the first iteration at which the largest absolute entry of the
+        gradient of the training objective (mean loss plus the L2 term, including the byproduct loss) with
+        respect to the optimised parameters (the linear head's trunk in whitened coordinates, see ``solver``)
+        is at most ``tol``; as a safety net it also stops after 3 consecutive iterations that each lower the
+        objective by only a few machine epsilons (relative). AdamW stops when the epoch loss has not improved
+        by ``tol`` for ``n_iter_no_change`` epochs; with ``early_stopping``, a validation score must improve
+        by ``tol`` to reset the patience. See :func:`~luab_sk.estimators._training.train_module`.
     batch_size : int, default=256
         AdamW mini-batch size.
     learning_rate : float, default=1e-3
