@@ -140,3 +140,23 @@ def test_default_backbone_lite0_classifies_coffee():
     assert out["tokens"].shape == (1, 49, 1280) and out["pooled"].shape == (1, 1280)
     mid = load_backbone(DEFAULT_BACKBONE, DEFAULT_PRETRAINED, layer=3)
     assert mid.grid == (14, 14) and mid.token_dim == 112
+
+
+def test_eval_resize_and_normalize_reproduce_eval_transform():
+    import numpy as np
+    from PIL import Image
+
+    bb = load_backbone("timm:test_vit", pretrained=None)
+    resize, min_size = bb.eval_resize()
+    _, height, width = bb.data_config["input_size"]
+    assert min_size == int(max(height, width) / bb.data_config["crop_pct"])
+    rng = np.random.default_rng(0)
+    shapes = [(90, 300, 3), (400, 200, 3)]
+    images = [Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)) for shape in shapes]
+    pixels = torch.from_numpy(np.stack([np.asarray(resize(img)) for img in images]))
+    assert pixels.shape == (2, height, width, 3) and pixels.dtype == torch.uint8
+    x = bb.normalize(pixels)
+    assert x.is_contiguous() and x.dtype == torch.float32
+    assert torch.equal(x, torch.stack([bb.eval_transform()(img) for img in images]))  # bitwise
+    with pytest.raises(ValueError, match=r"pixels must be a uint8 tensor of shape \(B, H, W, 3\)"):
+        bb.normalize(x)

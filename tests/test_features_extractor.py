@@ -1,5 +1,7 @@
 """FeatureExtractor: outputs, inputs, projection, errors, caching and sklearn integration."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -222,3 +224,26 @@ def test_worker_processes_decode(tmp_path, image_files):
     assert np.isnan(out[-1]).all() and fe.failed_[0][0] == len(image_files)
     with pytest.raises(OSError, match="broken.png"):
         fe.set_params(on_error="raise").transform([str(bad)])
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path):
+    from skimage import data
+
+    from luab_sk.features import load_image
+
+    path = tmp_path / "astronaut.jpg"
+    Image.fromarray(np.concatenate([data.astronaut()] * 2, axis=1)).save(path, quality=90)  # 512 x 1024
+    bb = load_backbone(TINY, pretrained=None).eval()
+    resize, min_size = bb.eval_resize()
+    assert min(load_image(path, min_size).size) < 512  # the case at hand
+    out = FeatureExtractor(TINY, pretrained=None, output="both").transform([str(path)])
+    with torch.no_grad():
+        drafted = bb(bb.eval_transform()(load_image(path, min_size))[None])
+        full = bb(bb.eval_transform()(load_image(path))[None])
+    np.testing.assert_allclose(out["tokens"], drafted["tokens"].numpy(), rtol=1e-5, atol=1e-5)
+    cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(out["pooled"]), full["pooled"])
+    assert cosine.item() > 0.99  # what the full-size decode gives, up to resampling differences
+    fe = FeatureExtractor(TINY, pretrained=None, cache_dir=str(tmp_path / "cache"))
+    fe.transform([str(path)])
+    config = json.loads((tmp_path / "cache" / fe.cache_key_ / "config.json").read_text())["config"]
+    assert config["decode"] == "jpeg-draft"  # the reduced-scale decoding is part of the cache key

@@ -69,3 +69,22 @@ def test_dataset_skip_and_raise(tmp_path, photo):
     assert ImageDataset([tensor], transform=transform)[0][0] is tensor
     with pytest.raises(ValueError, match="on_error must be one of"):
         ImageDataset(items, on_error="ignore")
+
+
+def test_min_size_decodes_large_jpegs_at_a_reduced_scale(tmp_path):
+    path = tmp_path / "large.jpg"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(path)
+    assert load_image(path, min_size=100).size == (200, 150)  # 1/2 scale: the shorter side stays >= 100
+    assert load_image(path, min_size=40).size == (100, 75)  # 1/4 scale
+    assert load_image(path, min_size=151).size == (400, 300)  # 1/2 would go below the request
+    png = tmp_path / "large.png"
+    Image.open(path).save(png)
+    assert load_image(png, min_size=40).size == (400, 300)  # only JPEG has reduced-scale decoding
+    img, ok = ImageDataset([path], min_size=100)[0]
+    assert img.size == (200, 150) and ok
+
+
+@pytest.mark.parametrize("min_size", [0, 2.5, True, "64"])
+def test_load_image_bad_min_size(photo, min_size):
+    with pytest.raises(ValueError, match="min_size must be None or a positive int"):
+        load_image(photo, min_size=min_size)

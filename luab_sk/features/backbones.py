@@ -10,6 +10,7 @@ imported only when a backbone of that family is built.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -181,12 +182,77 @@ class Backbone(nn.Module):
         callable
             Maps an RGB :class:`PIL.Image.Image` to a float tensor (3, H, W).
         """
+        return self._timm_transform(use_prefetcher=False)
+
+    def eval_resize(self) -> tuple[Callable, int]:
+        """The resize and crop steps of :meth:`eval_transform` alone, and the size they resize to.
+
+        ``eval_transform()(img)`` equals :meth:`normalize` applied to the uint8 pixels of
+        ``eval_resize()[0](img)``; splitting them lets a decoding thread stay free of torch operations
+        and normalise a whole batch at once.
+
+        Returns
+        -------
+        resize : callable
+            Maps an RGB :class:`PIL.Image.Image` to an RGB image of the input size.
+        min_size : int
+            The shorter side that images are resized to before cropping (an upper bound for the modes
+            that do not crop): decoding at a reduced scale down to this size loses nothing the resize
+            keeps (see :func:`~luab_sk.features.load_image`).
+        """
+        from timm.data.transforms import MaybePILToTensor
+        from torchvision import transforms
+
+        steps = self._timm_transform(use_prefetcher=True).transforms
+        if not isinstance(steps[-1], MaybePILToTensor):  # the layout of timm's eval transform
+            raise RuntimeError(f"Unexpected timm eval transform {steps!r}: expected MaybePILToTensor last.")
+        _, height, width = self.data_config["input_size"]
+        min_size = math.floor(max(height, width) / self.data_config["crop_pct"])
+        return transforms.Compose(steps[:-1]), min_size
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalise a uint8 batch ``(B, H, W, 3)`` of :meth:`eval_resize` outputs into the model input.
+
+        Parameters
+        ----------
+        pixels : torch.Tensor of dtype uint8 and shape (B, H, W, 3)
+            On any device.
+
+        Returns
+        -------
+        torch.Tensor of shape (B, 3, H, W)
+            float32, contiguous (channels-last on a GPU), with the same values as :meth:`eval_transform`.
+
+        Examples
+        --------
+        >>> import numpy as np, torch
+        >>> from PIL import Image
+        >>> bb = load_backbone("timm:test_vit", pretrained=None)
+        >>> img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+        >>> resize, _ = bb.eval_resize()
+        >>> x = bb.normalize(torch.from_numpy(np.asarray(resize(img)))[None])
+        >>> torch.equal(x[0], bb.eval_transform()(img))
+        True
+        """
+        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(
+                "pixels must be a uint8 tensor of shape (B, H, W, 3), "
+                f"got {pixels.dtype} {tuple(pixels.shape)}."
+            )
+        fmt = torch.channels_last if pixels.device.type == "cuda" else torch.contiguous_format
+        x = pixels.permute(0, 3, 1, 2).contiguous(memory_format=fmt).float().div_(255)
+        mean = torch.tensor(self.data_config["mean"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.data_config["std"], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def _timm_transform(self, use_prefetcher: bool) -> Callable:
         from timm.data import create_transform
 
         cfg = self.data_config
         return create_transform(
             input_size=cfg["input_size"],
             is_training=False,
+            use_prefetcher=use_prefetcher,
             interpolation=cfg["interpolation"],
             mean=cfg["mean"],
             std=cfg["std"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ def describe_item(item) -> str:
     return f"{type(item).__name__} object"
 
 
-def load_image(item) -> Image.Image:
+def load_image(item, min_size: int | None = None) -> Image.Image:
     """Return ``item`` as a fully decoded RGB :class:`PIL.Image.Image`.
 
     Parameters
@@ -46,6 +47,11 @@ def load_image(item) -> Image.Image:
     item : str, path-like, PIL.Image.Image or numpy.ndarray
         A path to an image file; a PIL image (any mode, converted to RGB); or a uint8 array of shape
         (H, W, 3) (RGB) or (H, W) (grey, replicated to RGB).
+    min_size : int or None, default=None
+        For JPEG files: decode at the smallest reduced DCT scale (1/2, 1/4 or 1/8, see
+        :meth:`PIL.Image.Image.draft`) whose shorter side is still at least ``min_size`` pixels, which
+        is several times faster for large photos that are resized down afterwards anyway. None (and
+        every other kind of item) decodes at full size.
 
     Returns
     -------
@@ -65,10 +71,15 @@ def load_image(item) -> Image.Image:
     >>> load_image(np.zeros((4, 5, 3), np.uint8)).size
     (5, 4)
     """
+    if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1):
+        raise ValueError(f"min_size must be None or a positive int, got {min_size!r}.")
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         try:
             with Image.open(path) as img:
+                if min_size is not None and img.format == "JPEG":
+                    scale = min_size / min(img.size)  # draft keeps both sides >= the requested ones
+                    img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
                 img.load()
                 return img.convert("RGB")
         except FileNotFoundError as err:
@@ -109,6 +120,9 @@ class ImageDataset(Dataset):
         ``"raise"``: an unreadable item raises :class:`ImageLoadError` naming it. ``"skip"``: the item is
         replaced by a black placeholder (passed through ``transform``, so batches keep their shape) and
         flagged as not ok.
+    min_size : int or None, default=None
+        Passed to :func:`load_image`: JPEG files are decoded at a reduced scale whose shorter side is at
+        least ``min_size`` (set it to the size ``transform`` resizes the shorter side to).
 
     Notes
     -----
@@ -123,12 +137,19 @@ class ImageDataset(Dataset):
     ((8, 8), True, 2)
     """
 
-    def __init__(self, items: Sequence, transform: Callable | None = None, on_error: str = "raise"):
+    def __init__(
+        self,
+        items: Sequence,
+        transform: Callable | None = None,
+        on_error: str = "raise",
+        min_size: int | None = None,
+    ):
         if on_error not in _ON_ERROR:
             raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}.")
         self.items = items
         self.transform = transform
         self.on_error = on_error
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.items)
@@ -138,7 +159,7 @@ class ImageDataset(Dataset):
         if isinstance(item, torch.Tensor) and item.is_floating_point():
             return item, True  # already transformed
         try:
-            img, ok = load_image(item), True
+            img, ok = load_image(item, self.min_size), True
         except (ImageLoadError, ValueError):
             if self.on_error == "raise":
                 raise
