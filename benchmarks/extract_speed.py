@@ -11,7 +11,9 @@ It prints a table and writes ``benchmarks/results/extract_speed.{md,json}``. Med
 ratios are against the raw forward measured in the same run. Peak memory is the process's resident set
 size above its level when the phase started (sampled every 5 ms), plus ``torch.cuda.max_memory_allocated``
 on a GPU. The open_clip ViTs are built without weights (randomly initialised): speed does not depend on
-the weights, and no weights can be downloaded here.
+the weights, and no weights can be downloaded here. The CPU time that other processes used during each
+backbone's phase (``/proc/stat`` minus this process) is recorded: on a shared machine it flags rows whose
+ratios are not representative.
 
 Usage::
 
@@ -71,6 +73,15 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.mib = (max(self.peak, self._rss()) - self.base) / 2**20
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, CPU seconds used by this process) since boot / start."""
+    with open("/proc/stat") as fh:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fh.readline().split()[1:9])
+    machine = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    times = os.times()
+    return machine, times.user + times.system
 
 
 def make_photos(folder: Path, n: int) -> list[str]:
@@ -219,7 +230,12 @@ def main(argv=None):
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         paths = make_photos(Path(folder), args.n_images)
-        rows = [bench(c, paths, args, device) for c in configs]
+        rows = []
+        for c in configs:
+            (machine0, own0), t0 = cpu_seconds(), time.perf_counter()
+            rows.append(bench(c, paths, args, device))
+            (machine1, own1), wall = cpu_seconds(), time.perf_counter() - t0
+            rows[-1]["other_processes_cpu_cores"] = max(0.0, (machine1 - machine0) - (own1 - own0)) / wall
     load_after = os.getloadavg()[0]
     env = {
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -232,6 +248,7 @@ def main(argv=None):
         "num_workers": args.num_workers,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_1min_before_after": [round(load_before, 1), round(load_after, 1)],
+        "other_processes_cpu_cores_max": round(max(r["other_processes_cpu_cores"] for r in rows), 2),
         "cpu_count": os.cpu_count(),
     }
     header = (
@@ -255,11 +272,13 @@ def main(argv=None):
         "forward and the first (full) run measured in the same repeat. Targets: full/raw >= 0.90 on CPU; "
         "cached speed-up >= 100x.",
     ]
-    if load_before > 1.5 * (os.cpu_count() or 1):
+    busy = [r["backbone"] + " " + r["output"] for r in rows if r["other_processes_cpu_cores"] > 0.25]
+    if busy:
         notes.append(
-            f"The machine was shared and busy (1-min load average {load_before:.1f} before, {load_after:.1f} "
-            f"after, on {os.cpu_count()} CPUs): absolute speeds are far below an idle machine's; the ratios "
-            "compare phases interleaved in the same run."
+            f"The machine was shared and busy during {', '.join(busy)} (other processes used up to "
+            f"{env['other_processes_cpu_cores_max']:.1f} of {os.cpu_count()} CPUs, measured from /proc/stat "
+            "minus this process): absolute speeds are far below an idle machine's and the full/raw ratios "
+            "are not representative (decoding then fills CPU time the contended forward pass loses)."
         )
     if device.type != "cuda":
         notes.append("No GPU was available for this run: the GPU rows (ViT-B-32 bf16) were not measured.")
