@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
-from sklearn.utils import check_consistent_length
 
 __all__ = ["attention_grid", "group_accuracies", "worst_group_accuracy", "pointing_game", "byproduct_error"]
 
@@ -30,22 +31,30 @@ def group_accuracies(y_true, y_pred, groups):
     accuracies : dict
         Group value -> accuracy of the samples in that group, in sorted group order.
 
+    Raises
+    ------
+    ValueError
+        If the arrays are not 1-d, differ in length, are empty, or hold missing values (NaN or None):
+        a missing label or group has no defined accuracy, so it is refused rather than guessed.
+
     Examples
     --------
     >>> group_accuracies([0, 0, 1, 1], [0, 1, 1, 1], groups=["a", "a", "b", "b"])
     {'a': 0.5, 'b': 1.0}
     """
     y_true, y_pred, groups = np.asarray(y_true), np.asarray(y_pred), np.asarray(groups)
-    check_consistent_length(y_true, y_pred, groups)
     if y_true.ndim != 1 or y_pred.ndim != 1 or groups.ndim != 1:
         raise ValueError(
             "y_true, y_pred and groups must be 1-d, got shapes "
             f"{y_true.shape}, {y_pred.shape}, {groups.shape}."
         )
+    _check_lengths(y_true=y_true, y_pred=y_pred, groups=groups)
     if len(y_true) == 0:
         raise ValueError("y_true is empty: accuracy is undefined.")
+    for name, values in (("y_true", y_true), ("y_pred", y_pred), ("groups", groups)):
+        _check_not_missing(name, values)
     correct = y_true == y_pred
-    return {g.item(): float(correct[groups == g].mean()) for g in np.unique(groups)}
+    return {g: float(correct[groups == g].mean()) for g in np.unique(groups).tolist()}
 
 
 def worst_group_accuracy(y_true, y_pred, groups):
@@ -68,6 +77,29 @@ def worst_group_accuracy(y_true, y_pred, groups):
     0.5
     """
     return min(group_accuracies(y_true, y_pred, groups).values())
+
+
+def _check_lengths(**arrays) -> None:
+    """Raise a ValueError naming the arguments when the arrays have different numbers of samples."""
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+        raise ValueError(f"inconsistent numbers of samples: {listed}.")
+
+
+def _check_not_missing(name, values) -> None:
+    """Raise a ValueError naming ``name`` when a label or group array holds NaN or None."""
+    if values.dtype.kind in "fc":
+        missing = np.isnan(values)
+    elif values.dtype == object:
+        missing = np.array([v is None or (isinstance(v, numbers.Number) and v != v) for v in values], bool)
+    else:
+        return
+    if missing.any():
+        raise ValueError(
+            f"{name} holds {int(missing.sum())} missing value(s) (NaN or None), first at index "
+            f"{int(np.flatnonzero(missing)[0])}; drop those samples before computing the metric."
+        )
 
 
 def attention_grid(attention, grid=None, *, name="attention"):
@@ -124,7 +156,9 @@ def pointing_game(attention, boxes, *, grid=None, tolerance=0.0, return_hits=Fal
     attention : array-like of shape (n_samples, H, W) or (n_samples, H * W)
         Attention maps (or any saliency scores) over a grid of image cells, row-major.
     boxes : array-like of shape (n_samples, 4)
-        Object boxes (x0, y0, x1, y1) in [0, 1].
+        Object boxes (x0, y0, x1, y1) in normalised [0, 1] image coordinates (pixel boxes, such as ILSVRC
+        ``bndbox``, must be divided by the image width and height first), with ``x0 <= x1`` and
+        ``y0 <= y1``. Every sample needs a box: there is no "missing box" value, so NaN is an error.
     grid : (int, int), optional
         (H, W) of flat maps; required when ``attention`` is 2-d unless the maps are square.
     tolerance : float, default=0.0
@@ -138,6 +172,12 @@ def pointing_game(attention, boxes, *, grid=None, tolerance=0.0, return_hits=Fal
         Share of hits.
     hits : ndarray of shape (n_samples,), dtype bool
         Only with ``return_hits=True``.
+
+    Raises
+    ------
+    ValueError
+        For misshaped or misaligned inputs, non-finite attention, a negative or non-finite
+        ``tolerance``, or boxes that are not finite, not in [0, 1], or inverted.
 
     Examples
     --------
@@ -153,11 +193,12 @@ def pointing_game(attention, boxes, *, grid=None, tolerance=0.0, return_hits=Fal
     att = att.reshape(n, h * w)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (n_samples, 4), got {boxes.shape}.")
-    check_consistent_length(att, boxes)
+    _check_lengths(attention=att, boxes=boxes)
     if not np.isfinite(att).all():
         raise ValueError("attention contains NaN or infinite values.")
-    if not np.isfinite(tolerance) or tolerance < 0:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 <= tolerance < np.inf:
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}.")
+    _check_boxes(boxes)
     row, col = np.divmod(att.argmax(axis=1), w)
     x, y = (col + 0.5) / w, (row + 0.5) / h
     hits = (
@@ -168,6 +209,36 @@ def pointing_game(attention, boxes, *, grid=None, tolerance=0.0, return_hits=Fal
     )
     score = float(hits.mean())
     return (score, hits) if return_hits else score
+
+
+def _check_boxes(boxes) -> None:
+    """Raise a ValueError unless every box is finite, in [0, 1] and not inverted; name the first bad row."""
+    finite = np.isfinite(boxes).all(axis=1)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise ValueError(
+            f"boxes must be finite; row {i} is {boxes[i].tolist()} ({int((~finite).sum())} such rows). "
+            "pointing_game has no missing-box value: drop samples without a box."
+        )
+    outside = ((boxes < 0) | (boxes > 1)).any(axis=1)
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        hint = (
+            " They look like pixel coordinates: divide x0, x1 by the image width and y0, y1 by its height."
+            if boxes.max() > 1
+            else ""
+        )
+        raise ValueError(
+            f"boxes must be in normalised [0, 1] image coordinates; row {i} is {boxes[i].tolist()} "
+            f"({int(outside.sum())} such rows).{hint}"
+        )
+    inverted = (boxes[:, 0] > boxes[:, 2]) | (boxes[:, 1] > boxes[:, 3])
+    if inverted.any():
+        i = int(np.flatnonzero(inverted)[0])
+        raise ValueError(
+            f"boxes must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1; row {i} is {boxes[i].tolist()} "
+            f"({int(inverted.sum())} such rows)."
+        )
 
 
 def byproduct_error(Z_true, Z_pred, *, metric="euclidean"):
@@ -188,6 +259,12 @@ def byproduct_error(Z_true, Z_pred, *, metric="euclidean"):
     -------
     float
 
+    Raises
+    ------
+    ValueError
+        For an unknown ``metric``, mismatched shapes, infinite ``Z_true`` values, ``Z_pred`` not finite
+        where ``Z_true`` is observed, or nothing observed.
+
     Examples
     --------
     >>> byproduct_error([[0.0, 0.0], [float("nan"), float("nan")]], [[0.3, 0.4], [0.9, 0.9]])
@@ -195,6 +272,8 @@ def byproduct_error(Z_true, Z_pred, *, metric="euclidean"):
     >>> byproduct_error([[0.0, 0.0]], [[0.3, 0.4]], metric="mae")
     0.35
     """
+    if metric not in ("euclidean", "mae", "rmse"):
+        raise ValueError(f"metric must be 'euclidean', 'mae' or 'rmse', got {metric!r}.")
     Z_true = np.asarray(Z_true, dtype=float)
     Z_pred = np.asarray(Z_pred, dtype=float)
     if Z_true.ndim == 1:
@@ -203,6 +282,8 @@ def byproduct_error(Z_true, Z_pred, *, metric="euclidean"):
         Z_pred = Z_pred[:, None]
     if Z_true.shape != Z_pred.shape:
         raise ValueError(f"Z_true and Z_pred must have the same shape, got {Z_true.shape}, {Z_pred.shape}.")
+    if np.isinf(Z_true).any():
+        raise ValueError("Z_true holds infinite values; only NaN marks a missing entry.")
     observed = ~np.isnan(Z_true)
     if not observed.any():
         raise ValueError("Z_true has no observed (non-NaN) entries: the error is undefined.")
@@ -222,6 +303,4 @@ def byproduct_error(Z_true, Z_pred, *, metric="euclidean"):
     err = (Z_true - Z_pred)[observed]
     if metric == "mae":
         return float(np.abs(err).mean())
-    if metric == "rmse":
-        return float(np.sqrt((err**2).mean()))
-    raise ValueError(f"metric must be 'euclidean', 'mae' or 'rmse', got {metric!r}.")
+    return float(np.sqrt((err**2).mean()))

@@ -190,3 +190,65 @@ def test_batches_use_faiss_blas_path_and_restore_the_threshold(data, monkeypatch
     clf.kneighbors(Xq[:1])  # 1 query: faiss's own choice
     assert seen == [0, before]
     assert faiss.cvar.distance_compute_blas_threshold == before
+
+
+# ------------------------------------------------------------------------------------ magnitudes
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("scale", [2.0**70, 2.0**-100])
+def test_huge_and_tiny_features_find_the_same_neighbours(data, index, metric, scale):
+    # Before: l2 at 1e20 returned id -1 everywhere (every row got the last row's class), cosine rows
+    # normalised to zero, and IVF training aborted the process. Powers of two scale exactly.
+    X, y, Xq = data
+    # Uniform votes: the temperature is in units of the distance, so scaled l2 votes differ by design.
+    params = dict(n_neighbors=5, metric=metric, weights="uniform", index=index, nlist=4, random_state=0)
+    params["device"] = "cpu"
+    reference = FaissKNNClassifier(**params).fit(X, y)
+    scaled = FaissKNNClassifier(**params).fit(X.astype(np.float64) * scale, y)
+    dist, ids = scaled.kneighbors(Xq.astype(np.float64) * scale)
+    ref_dist, ref_ids = reference.kneighbors(Xq)
+    np.testing.assert_array_equal(ids, ref_ids)
+    np.testing.assert_array_equal(dist, ref_dist * (scale if metric == "l2" else 1.0))
+    np.testing.assert_array_equal(scaled.predict(Xq.astype(np.float64) * scale), reference.predict(Xq))
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_features_around_1e20_predict_their_own_class(index):
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(60, 8)) * 1e20
+    y = np.arange(60) % 3
+    clf = FaissKNNClassifier(n_neighbors=1, metric="l2", index=index, nlist=2, device="cpu").fit(X, y)
+    dist, ids = clf.kneighbors(X)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(60))
+    np.testing.assert_array_equal(dist[:, 0], 0.0)
+    np.testing.assert_array_equal(clf.predict(X), y)
+
+
+def test_euclidean_queries_that_would_overflow_float32_are_refused(data):
+    X, y, Xq = data
+    clf = FaissKNNClassifier(metric="l2", device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="overflow.*Standardise the features"):
+        clf.predict(Xq.astype(np.float64) * 1e20)
+    with pytest.raises(ValueError, match="overflow"):
+        KNNByproductImputer(metric="l2", device="cpu").fit(X, np.c_[y, y] / 3.0).transform(
+            Xq.astype(np.float64) * 1e20, np.full((len(Xq), 2), np.nan)
+        )
+
+
+@pytest.mark.parametrize("bad", ["missing_id", "inf_distance"])
+def test_invalid_faiss_results_raise_instead_of_predicting(data, monkeypatch, bad):
+    X, y, Xq = data
+    clf = FaissKNNClassifier(device="cpu").fit(X, y)
+    real = _faiss.NeighborIndex._raw_search
+
+    def broken(self, queries, k):
+        distances, ids = real(self, queries, k)
+        if bad == "missing_id":
+            ids[3, -1] = -1
+        else:
+            distances[3, 0] = np.inf
+        return distances, ids
+
+    monkeypatch.setattr(_faiss.NeighborIndex, "_raw_search", broken)
+    with pytest.raises(RuntimeError, match=r"1 of 40 queries \(first: row 3\)"):
+        clf.predict(Xq)

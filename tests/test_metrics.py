@@ -22,9 +22,15 @@ def test_group_accuracies_with_string_labels():
 @pytest.mark.parametrize(
     "args, match",
     [
-        (([0, 1], [0], [0, 1]), "inconsistent numbers of samples"),
+        (([0, 1], [0], [0, 1]), "inconsistent numbers of samples: y_true has 2, y_pred has 1, groups has 2"),
+        (([0, 1], [0, 1], [0]), "groups has 1"),
         (([[0, 1]], [[0, 1]], [[0, 1]]), "1-d"),
         (([], [], []), "empty"),
+        # NaN groups used to form a group of their own with accuracy NaN, which min() may or may not pick.
+        (([0, 1, 1], [0, 1, 0], [0.0, np.nan, 1.0]), r"groups holds 1 missing value.*index 1"),
+        (([0, 1, 1], [0, 1, 0], np.array(["a", None, "b"], dtype=object)), "groups holds 1 missing"),
+        (([0.0, np.nan], [0.0, 1.0], [0, 1]), "y_true holds 1 missing"),
+        (([0, 1], np.array([0, np.nan], dtype=object), [0, 1]), "y_pred holds 1 missing"),
     ],
 )
 def test_group_accuracy_input_errors(args, match):
@@ -72,6 +78,9 @@ def test_pointing_game_tolerance_and_full_box():
         (np.full((2, 4), np.nan), np.zeros((2, 4)), {}, "NaN"),
         (np.ones(4), np.zeros((1, 4)), {}, "attention must be"),
         (np.ones((2, 4)), np.zeros((2, 4)), {"tolerance": -0.1}, "tolerance"),
+        (np.ones((2, 4)), np.zeros((2, 4)), {"tolerance": np.nan}, "tolerance"),
+        (np.ones((2, 4)), np.zeros((2, 4)), {"tolerance": "0.1"}, "tolerance"),
+        (np.ones((2, 4)), np.zeros((3, 4)), {}, "attention has 2, boxes has 3"),
     ],
 )
 def test_pointing_game_errors(att, boxes, kwargs, match):
@@ -100,8 +109,45 @@ def test_byproduct_error_ignores_missing_entries():
         (np.zeros((2, 3)), np.zeros((2, 3)), {}, "3 columns"),
         (np.array([[0.0, np.nan]]), np.zeros((1, 2)), {}, "fully observed"),
         (np.zeros((2, 2)), np.zeros((2, 2)), {"metric": "mse"}, "metric"),
+        (np.zeros((2, 3)), np.zeros((2, 3)), {"metric": "mse"}, "metric must be"),  # checked first
+        (np.array([[0.0, np.inf]]), np.zeros((1, 2)), {}, "Z_true holds infinite"),
+        (np.array([[0.0, 0.5]]), np.array([[0.0, np.inf]]), {"metric": "mae"}, "Z_pred must be finite"),
     ],
 )
 def test_byproduct_error_errors(Z, pred, kwargs, match):
     with pytest.raises(ValueError, match=match):
         byproduct_error(Z, pred, **kwargs)
+
+
+# Each of these boxes was scored without complaint before (pixel boxes almost always as misses).
+@pytest.mark.parametrize(
+    "box, match",
+    [
+        (
+            [34, 50, 200, 180],
+            r"normalised \[0, 1\].*row 1 is \[34.0, 50.0, 200.0, 180.0\].*divide x0, x1 by the image width",
+        ),
+        ([np.nan] * 4, r"finite; row 1.*no missing-box value"),
+        ([0.2, np.inf, 0.4, 0.5], "finite"),
+        ([0.6, 0.2, 0.4, 0.5], r"x0 <= x1 and y0 <= y1; row 1 is \[0.6, 0.2, 0.4, 0.5\]"),
+        ([0.2, 0.6, 0.4, 0.5], "x0 <= x1 and y0 <= y1"),
+        ([-0.1, 0.2, 0.4, 0.5], r"normalised \[0, 1\]"),
+    ],
+)
+def test_pointing_game_rejects_bad_boxes(box, match):
+    att = np.zeros((2, 2, 2))
+    att[:, 1, 1] = 1.0
+    with pytest.raises(ValueError, match=match):
+        pointing_game(att, [[0.0, 0.0, 1.0, 1.0], box])
+
+
+def test_pointing_game_accepts_degenerate_and_edge_boxes():
+    att = np.zeros((2, 2, 2))
+    att[:, 1, 1] = 1.0  # centre (0.75, 0.75)
+    assert pointing_game(att, [[0.0, 0.0, 1.0, 1.0], [0.75, 0.75, 0.75, 0.75]]) == 1.0
+    assert pointing_game(att, [[0.0, 0.0, 0.5, 0.5], [0.2, 0.2, 0.2, 0.2]]) == 0.0
+
+
+def test_worst_group_accuracy_accepts_string_and_object_groups():
+    groups = np.array(["a", "b", "b"], dtype=object)
+    assert worst_group_accuracy([0, 1, 1], [0, 1, 0], groups) == 0.5

@@ -5,6 +5,13 @@ Private module. :class:`NeighborIndex` is the one object the estimators hold: it
 places a copy on a GPU through :func:`index_to_gpu` (which verifies the copy and falls back to the CPU
 index with one :class:`FaissGPUFallbackWarning`), and returns neighbours whose distances are recomputed in
 float64, so that results do not depend on how queries are batched.
+
+faiss computes in float32. Rows are therefore scaled by powers of two before they reach it (exactly: no
+rounding changes, so neighbours are those of the unscaled rows): each row to a largest magnitude in
+[0.5, 1) before cosine normalisation, and all rows by one common factor for the Euclidean metric, so that
+features of any finite magnitude (1e20, 1e-30) neither overflow nor underflow. A Euclidean query whose
+distances would still overflow (far larger than the indexed rows) is refused, and a search result with a
+missing neighbour (id -1) or a non-finite distance raises instead of becoming a prediction.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _BLAS_MIN_QUERIES = 3
 # Database rows used by the self-search that validates a GPU copy.
 _GPU_PROBE_ROWS = 8
+# Rows converted to float32 at once (bounds the float64 temporary of the power-of-two scaling).
+_PREPARE_BLOCK_ROWS = 1 << 14
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class FaissGPUFallbackWarning(RuntimeWarning):
@@ -59,12 +69,48 @@ def check_search_params(metric, index, nlist, nprobe, device):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
 
 
-def prepare_rows(X, metric):
-    """Return `X` as a C-contiguous float32 array, L2-normalised row-wise when ``metric="cosine"``.
+def magnitude_exponent(X):
+    """The binary exponent ``e`` with ``max |X|`` in ``[2**(e - 1), 2**e)`` (0 when `X` is all zero).
 
-    The input is never modified. All-zero rows stay zero under the cosine metric.
+    Examples
+    --------
+    >>> magnitude_exponent([[3.0, -0.1]]), magnitude_exponent([[1e20]]), magnitude_exponent([[0.0]])
+    (2, 67, 0)
     """
-    rows = np.array(X, dtype=np.float32, order="C", copy=True)
+    X = np.asarray(X)
+    largest = max(float(X.max()), -float(X.min())) if X.size else 0.0
+    return int(np.frexp(largest)[1])
+
+
+def prepare_rows(X, metric, exponent=0):
+    """Return `X` as a C-contiguous float32 array ready for faiss.
+
+    ``metric="cosine"``: every row is scaled by a power of two to a largest magnitude in [0.5, 1), then
+    L2-normalised (all-zero rows stay zero). ``metric="l2"``: every row is multiplied by
+    ``2 ** -exponent``. Scaling by powers of two is exact, and happens in float64 before the conversion,
+    so finite rows of any magnitude convert without overflow. The input is never modified.
+
+    Parameters
+    ----------
+    X : array-like of shape (n, d)
+        Finite rows.
+    metric : {"cosine", "l2"}
+    exponent : int, default=0
+        The common scale of the Euclidean metric, from :func:`magnitude_exponent` of the indexed rows.
+
+    Returns
+    -------
+    ndarray of shape (n, d), float32
+    """
+    X = np.asarray(X)
+    rows = np.empty(X.shape, dtype=np.float32)
+    for start in range(0, len(X), _PREPARE_BLOCK_ROWS):
+        block = np.asarray(X[start : start + _PREPARE_BLOCK_ROWS], dtype=np.float64)
+        if metric == "cosine":
+            scale = -np.frexp(np.abs(block).max(axis=1, keepdims=True))[1]
+        else:
+            scale = -exponent
+        rows[start : start + len(block)] = np.ldexp(block, scale)
     if metric == "cosine":
         faiss.normalize_L2(rows)
     return rows
@@ -205,8 +251,11 @@ class NeighborIndex:
     """
 
     def __init__(self, X, *, metric="cosine", index="auto", nlist=None, nprobe=None, gpu_id=None, seed=1234):
-        rows = prepare_rows(X, metric)
+        # The Euclidean scale brings the largest indexed magnitude into [0.5, 1): rows norms <= sqrt(d).
+        self.exponent = magnitude_exponent(X) if metric == "l2" else 0
+        rows = prepare_rows(X, metric, self.exponent)
         n, d = rows.shape
+        self.max_norm = float(np.linalg.norm(rows, axis=1).max()) if n else 0.0
         self.metric = metric
         self.n_features = d
         self.kind = "ivf" if index == "ivf" or (index == "auto" and n >= IVF_AUTO_MIN_SAMPLES) else "flat"
@@ -254,16 +303,50 @@ class NeighborIndex:
             Cosine or Euclidean distances, recomputed in float64 and sorted ascending (ties by id).
         indices : ndarray of shape (m, k), int64
             Database row numbers.
+
+        Raises
+        ------
+        ValueError
+            If Euclidean distances from these queries would overflow faiss's float32 arithmetic (queries
+            about 1e18 times larger than the indexed rows).
+        RuntimeError
+            If faiss returns a missing neighbour (id -1) or a non-finite distance.
         """
-        queries = prepare_rows(X, self.metric)
+        queries = prepare_rows(X, self.metric, self.exponent)
+        if self.metric == "l2":
+            self._check_query_magnitude(queries)
         with _blas_distances(len(queries)):
-            _, ids = self._raw_search(queries, k)
+            raw_distances, ids = self._raw_search(queries, k)
         if self.kind == "ivf" and np.any(ids < 0):
             # Probed lists held fewer than k rows: search those queries exhaustively.
             short = np.flatnonzero((ids < 0).any(axis=1))
             params = faiss.SearchParametersIVF(nprobe=self.index.nlist)
-            ids[short] = self.index.search(queries[short], k, params=params)[1]
+            raw_distances[short], ids[short] = self.index.search(queries[short], k, params=params)
+        bad = (ids < 0).any(axis=1) | ~np.isfinite(raw_distances).all(axis=1)
+        if bad.any():
+            raise RuntimeError(
+                "faiss returned a missing neighbour (id -1) or a non-finite distance for "
+                f"{int(bad.sum())} of {len(ids)} queries (first: row {int(np.flatnonzero(bad)[0])}); "
+                "refusing to use that result."
+            )
         return self._rescore(queries, ids)
+
+    def _check_query_magnitude(self, queries):
+        """Refuse Euclidean queries whose float32 squared distances to indexed rows could overflow.
+
+        faiss computes ``|q|^2 + |x|^2 - 2 q.x``; every term is at most ``(|q| + |x|)^2`` and
+        ``|q| <= sqrt(d) * max |q|``.
+        """
+        largest = float(np.abs(queries).max()) if queries.size else 0.0
+        bound = math.sqrt(self.n_features) * largest + self.max_norm
+        if not bound**2 < _FLOAT32_MAX:
+            scale = math.ldexp(1.0, self.exponent)
+            raise ValueError(
+                f"query features reach magnitude {largest * scale:.3g}, against at most {scale:.3g} in the "
+                "indexed rows: faiss computes squared Euclidean distances in float32, which would overflow. "
+                "Standardise the features (for example with sklearn.preprocessing.StandardScaler fitted on "
+                "the training rows), or use metric='cosine'."
+            )
 
     def _raw_search(self, queries, k):
         if self.on_gpu:
@@ -284,8 +367,8 @@ class NeighborIndex:
             q = queries[start:stop, None, :].astype(np.float64)
             if self.metric == "cosine":
                 distances[start:stop] = 1.0 - np.einsum("mkd,mkd->mk", q, neighbours.astype(np.float64))
-            else:
-                distances[start:stop] = np.linalg.norm(neighbours - q, axis=2)
+            else:  # in the units of the unscaled rows
+                distances[start:stop] = np.ldexp(np.linalg.norm(neighbours - q, axis=2), self.exponent)
         order = np.lexsort((ids, distances), axis=-1)
         return np.take_along_axis(distances, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
