@@ -160,3 +160,24 @@ def test_eval_resize_and_normalize_reproduce_eval_transform():
     assert torch.equal(x, torch.stack([bb.eval_transform()(img) for img in images]))  # bitwise
     with pytest.raises(ValueError, match=r"pixels must be a uint8 tensor of shape \(B, H, W, 3\)"):
         bb.normalize(x)
+
+
+def test_random_init_is_identical_in_threads():
+    """Random init goes through torch's global generator: parallel builds must not interleave their draws."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    reference = [p.detach().clone() for p in load_backbone("timm:test_vit").parameters()]
+    barrier = threading.Barrier(4)
+
+    def build(_):
+        barrier.wait()
+        return [p.detach() for p in load_backbone("timm:test_vit").parameters()]
+
+    state = torch.get_rng_state()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(build, range(4)))
+    for params in results:
+        for got, want in zip(params, reference, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was

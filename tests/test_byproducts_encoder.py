@@ -1,5 +1,7 @@
 """ByproductEncoder: Z arrays from records, with NaN for what is missing."""
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -221,3 +223,62 @@ def test_bad_records(imagenet, coco):
     with pytest.raises(ValueError, match="needs classes"):
         ByproductEncoder("points_per_class").fit([COCOABRecord(1)])
     assert np.isnan(enc.transform([None, None])).all()
+
+
+def test_encoder_treats_impossible_coordinates_and_timings_as_missing():
+    """Hand-built records with non-finite or off-image values give NaN, never inf or an off-image heatmap."""
+    bad_points = [(np.inf, 0.5), (1.7, 0.2), (0.5, -0.1), (np.nan, 0.5), (-np.inf, np.nan)]
+    tasks = [
+        ImageNetABTask(selected=True, point=p, estimate_time=np.inf, hovered_count=-1.0) for p in bad_points
+    ]
+    recs = [ImageNetABRecord(f"n1/n1_{i}", "x.xml", (task,)) for i, task in enumerate(tasks)]
+    mixed = ImageNetABRecord(
+        "n1/n1_9",
+        "x.xml",
+        (
+            ImageNetABTask(selected=True, point=(0.2, 0.4), estimate_time=900.0),
+            ImageNetABTask(selected=True, point=(3.0, 0.4)),
+            ImageNetABTask(
+                selected=True,
+                point=(0.6, 0.6),
+                trace=np.array([[0, 0.1, 0.1], [1, np.inf, 0.2], [2, 5.0, 0.3], [3, 0.6, 0.6]]),
+            ),
+        ),
+    )
+    kinds = ["point", "heatmap", "trace", "timing"]
+    enc = ByproductEncoder(kind=kinds, timing_scale=None).fit([*recs, mixed])
+    Z = enc.transform([*recs, mixed])
+    assert not np.isinf(Z).any()
+    assert np.isnan(Z[:-1, enc.feature_slices_["point"]]).all()
+    assert np.isnan(Z[:-1, enc.feature_slices_["heatmap"]]).all()
+    assert np.isnan(Z[:-1, enc.feature_slices_["timing"]][:, :2]).all()
+    np.testing.assert_allclose(Z[-1, enc.feature_slices_["point"]], [0.4, 0.5])  # the valid clicks only
+    trace = Z[-1, enc.feature_slices_["trace"]].reshape(-1, 2)
+    assert np.isfinite(trace).all() and ((trace >= 0) & (trace <= 1)).all()
+    with warnings.catch_warnings():  # all-NaN columns: numpy warns, the scaler works
+        warnings.simplefilter("ignore", RuntimeWarning)
+        robust = ByproductEncoder(kind="timing").fit([*recs, mixed])  # no scaler error on infinities
+        assert not np.isinf(robust.transform(recs)).any()
+
+
+def test_encoder_ignores_off_image_icons():
+    rec = COCOABRecord(
+        1,
+        time_spent=np.inf,
+        action_types=("add", "add", "move", "add"),
+        icon_types=("dog", "cat", "cat", "cup"),
+        points_from=np.array([[np.nan, np.nan], [np.nan, np.nan], [0.3, 0.3], [np.nan, np.nan]]),
+        points_to=np.array([[0.5, 0.5], [0.3, 0.3], [1.5, 0.3], [np.inf, 0.2]]),
+        action_times=np.zeros(4),
+        trace=np.array([[0, 0.1, 0.1], [1, np.nan, 2.0], [2, -3.0, 0.5]]),
+    )
+    for position in ("add", "final"):
+        enc = ByproductEncoder(
+            kind=["points_per_class", "heatmap", "trace", "timing"], classes=["cat", "cup", "dog"],
+            per_class_position=position, timing_scale=None,
+        ).fit([rec])  # fmt: skip
+        Z = enc.transform([rec])
+        assert not np.isinf(Z).any()
+        np.testing.assert_allclose(Z[0, :6], [0.3, 0.3, np.nan, np.nan, 0.5, 0.5])  # cat kept, cup missing
+        assert np.isnan(Z[0, enc.feature_slices_["timing"]][0])
+        np.testing.assert_allclose(Z[0, enc.feature_slices_["trace"]], 0.1)  # only the on-image sample

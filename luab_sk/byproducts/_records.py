@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -56,6 +57,104 @@ class ByproductFormatError(ValueError):
 def check_on_error(on_error):
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}.")
+
+
+# -- strict numbers -------------------------------------------------------------------------------------
+# A plain decimal number: ASCII digits only, no underscores ("0_5"), no spaces, no hex, no "inf"/"nan".
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+# Spellings of non-finite values (XML text, JSON strings, or the JSON constants Infinity and NaN): they are
+# numbers, but impossible ones, so they make a missing value rather than a malformed record.
+_NON_FINITE = re.compile(r"[+-]?(?:inf|infinity|nan)", re.ASCII | re.IGNORECASE)
+
+#: Allowed ranges of byproduct numbers: name -> (test, description).
+DOMAINS = {
+    "finite": (lambda v: True, "a finite number"),
+    "unit": (lambda v: 0.0 <= v <= 1.0, "within [0, 1]"),
+    "nonnegative": (lambda v: v >= 0.0, ">= 0"),
+    "positive": (lambda v: v > 0.0, "> 0"),
+}
+
+
+class ImpossibleValue(ValueError):
+    """A well-formed number that no byproduct can hold (non-finite, or outside its range).
+
+    The readers turn the field into a missing value (NaN) and list the problem in ``errors`` (or raise,
+    with ``on_error="raise"``); a malformed number (``"abc"``, ``"0_5"``) makes the whole record malformed.
+    """
+
+
+def strict_number(value, domain="finite"):
+    """Parse one byproduct number strictly.
+
+    Parameters
+    ----------
+    value : str, int or float
+        Element text (XML) or a decoded JSON value. Strings must be plain decimal numbers
+        (``[+-]digits[.digits][e[+-]digits]``): no underscores, spaces inside, hex or other digits.
+        Booleans are not numbers.
+    domain : {"finite", "unit", "nonnegative", "positive"}
+        The allowed range; every domain requires a finite value.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ImpossibleValue
+        For a non-finite value (``inf``, ``nan``, ``1e999``, JSON ``Infinity``/``NaN``) or one outside
+        ``domain``.
+    ValueError
+        If ``value`` is not a number at all.
+
+    Examples
+    --------
+    >>> strict_number("0.25", "unit"), strict_number(3)
+    (0.25, 3.0)
+    >>> strict_number("0_5")
+    Traceback (most recent call last):
+    ...
+    ValueError: '0_5' is not a number
+    >>> strict_number("1.7", "unit")
+    Traceback (most recent call last):
+    ...
+    luab_sk.byproducts._records.ImpossibleValue: '1.7' is not within [0, 1]
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if _DECIMAL.fullmatch(text):
+            number = float(text)
+        elif _NON_FINITE.fullmatch(text):
+            raise ImpossibleValue(f"{value!r} is not a finite number")
+        else:
+            raise ValueError(f"{value!r} is not a number")
+    elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
+        try:
+            number = float(value)
+        except OverflowError:  # a huge JSON integer
+            raise ImpossibleValue(f"{value!r} is not a finite number") from None
+    else:
+        raise ValueError(f"{value!r} ({type(value).__name__}) is not a number")
+    if not math.isfinite(number):
+        raise ImpossibleValue(f"{value!r} is not a finite number")
+    test, description = DOMAINS[domain]
+    if not test(number):
+        raise ImpossibleValue(f"{value!r} is not {description}")
+    return number
+
+
+def summarize_problems(problems, limit=5):
+    """One reason string for a file's or record's impossible values (the first ``limit``, then a count)."""
+    shown = "; ".join(problems[:limit])
+    more = f"; and {len(problems) - limit} more" if len(problems) > limit else ""
+    return f"impossible values read as missing: {shown}{more}"
+
+
+def valid_unit_points(points):
+    """Boolean mask of the rows of an ``(n, 2)`` array that are finite points inside ``[0, 1]^2``."""
+    points = np.asarray(points, dtype=float).reshape(-1, 2)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(points).all(axis=1) & ((points >= 0.0) & (points <= 1.0)).all(axis=1)
 
 
 def imagenet_key(path_or_key):
@@ -213,9 +312,13 @@ class ImageNetABRecord:
 
     @property
     def selected_points(self):
-        """ndarray of shape (s, 2): the click point of every selected task (skipping clicks with no point)."""
+        """ndarray of shape (s, 2): the click point of every selected task.
+
+        Tasks without a usable point are skipped: a missing (NaN), non-finite or out-of-``[0, 1]`` click
+        (impossible on the displayed image) counts as missing.
+        """
         pts = np.array([t.point for t in self.tasks if t.selected], dtype=float).reshape(-1, 2)
-        return pts[~np.isnan(pts).any(axis=1)]
+        return pts[valid_unit_points(pts)]
 
     @property
     def point(self):

@@ -1,7 +1,29 @@
 """Read ImageNet-AB annotation-byproduct XML files (one per training image) into records.
 
-The XML is untrusted input and is parsed with :mod:`defusedxml`. See ``DESIGN.md`` ("Annotation byproduct
-formats") for the format and its quirks.
+The XML is untrusted input and is parsed with :mod:`defusedxml`.
+
+The format (the public ImageNet-AB release of *Neglected Free Lunch*, Han et al., ICCV 2023): one XML file per
+training image, ``train_xml/<wnid>/<wnid>_<id>.xml``; the archive also holds AppleDouble ``._*.xml`` junk,
+which is skipped. The root element is ``<annotation>``. It may keep the original ILSVRC ``<size>`` and
+``<object><bndbox>`` (not byproducts; kept as ``ilsvrc_boxes``), and holds one ``<metadata>`` block per task
+(page of 48 images) the image appeared in, with:
+
+- ``selected``: the strings ``True``/``False``;
+- ``selectedRecord``: ``x``, ``y`` in ``[0, 1]`` of the displayed image and ``time`` (epoch ms) of the first
+  selecting click, or the literal ``None``;
+- ``selectedCount``, ``hoveredCount``, ``estimateTime`` (ms hovered before selecting; may be 0);
+- ``mouseTracking``: repeated ``time``, ``x``, ``y`` (up to 60 Hz, stopping at the click), or ``None``/empty;
+- ``hoveredRecord``: repeated ``action`` (``enter``/``leave``) and ``time``, or ``None``;
+- ``imageWidth``/``imageHeight`` (displayed px), ``originalImageWidth``/``originalImageHeight``,
+  ``imagePosition`` (``x``, ``y``), ``image_idx`` (0-47), ``page_idx`` (0-9);
+- ``worker_id``, ``assignment_id``, ``hit_id``, ``imagenet_hit_id`` and ``hit_submit_time`` (epoch ms or an
+  ISO-8601 date).
+
+Numbers are parsed strictly (plain decimals; see :func:`luab_sk.byproducts._records.strict_number`). Text that
+is not a number makes the file malformed. A number no byproduct can hold, that is non-finite (``inf``,
+``nan``, ``1e999``) or out of range (coordinates outside ``[0, 1]``, negative times or counts, sizes <= 0),
+is read as missing (NaN; for a click or trace sample, the whole point) and reported: listed in ``errors``
+with the file and the field under ``on_error="skip"``, raised under ``on_error="raise"``.
 """
 
 from __future__ import annotations
@@ -9,23 +31,29 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import re
 import sys
+import warnings
 from datetime import datetime, timezone
 from xml.etree.ElementTree import ParseError as _XMLSyntaxError
 
 import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, effective_n_jobs
+from joblib.parallel import get_active_backend
 
 from ._records import (
     ByproductFormatError,
     ByproductRecords,
     ImageNetABRecord,
     ImageNetABTask,
+    ImpossibleValue,
     ParseError,
     check_on_error,
     imagenet_key,
+    strict_number,
+    summarize_problems,
 )
 
 __all__ = ["iter_imagenet_ab_chunks", "list_imagenet_ab_files", "parse_imagenet_ab_xml", "read_imagenet_ab"]
@@ -38,7 +66,7 @@ _NUMBERS = {
     "estimateTime": "estimate_time",
     "image_idx": "image_idx",
     "page_idx": "page_idx",
-}
+}  # all counts, durations or indices: >= 0
 _STRINGS = {
     "worker_id": "worker_id",
     "assignment_id": "assignment_id",
@@ -51,25 +79,34 @@ _PAIRS = {  # attribute: (first tag, second tag)
 }
 _PAIR_TAGS = {tag for pair in _PAIRS.values() for tag in pair}
 _BOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
+# <wnid>_<id>.xml: the only names an ImageNet-AB file can have.
+_FILE_NAME = re.compile(r"[A-Za-z0-9]+_[A-Za-z0-9]+\.xml", re.ASCII)
 
 
-def _number(text, tag):
-    """A float from element text; None/empty/'None' is NaN; anything else unparsable is an error."""
+def _number(text, tag, problems, domain="finite"):
+    """A float from element text; None/empty/'None' is NaN.
+
+    Text that is not a plain decimal number raises ValueError (the file is malformed); a number outside
+    ``domain`` (or non-finite) is appended to ``problems`` and read as NaN.
+    """
     if text is None:
         return math.nan
     text = text.strip()
     if not text or text == "None":
         return math.nan
     try:
-        return float(text)
+        return strict_number(text, domain)
+    except ImpossibleValue as exc:
+        problems.append(f"<{tag}> {exc}")
+        return math.nan
     except ValueError:
         raise ValueError(f"<{tag}> holds {text!r}, not a number") from None
 
 
-def _time_ms(text, tag):
-    """Epoch milliseconds from a number or an ISO-8601 date (naive dates are taken as UTC)."""
+def _time_ms(text, tag, problems):
+    """Epoch milliseconds (>= 0) from a number or an ISO-8601 date (naive dates are taken as UTC)."""
     try:
-        return _number(text, tag)
+        return _number(text, tag, problems, "nonnegative")
     except ValueError:
         stamp = text.strip()
         stamp = stamp[:-1] + "+00:00" if stamp.endswith("Z") else stamp
@@ -79,22 +116,29 @@ def _time_ms(text, tag):
             raise ValueError(f"<{tag}> holds {text!r}, neither epoch ms nor an ISO-8601 date") from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
-        return when.timestamp() * 1000.0
+        ms = when.timestamp() * 1000.0
+        if not ms >= 0:
+            problems.append(f"<{tag}> {text.strip()!r} is before 1970 (negative epoch ms)")
+            return math.nan
+        return ms
 
 
-def _xy(element, tag):
+def _xy(element, tag, problems, domain):
+    """``(x, y, time)`` of an element with x/y/time children; a point with an impossible coordinate is NaN."""
     x = y = t = math.nan
     for child in element:
         if child.tag == "x":
-            x = _number(child.text, f"{tag}/x")
+            x = _number(child.text, f"{tag}/x", problems, domain)
         elif child.tag == "y":
-            y = _number(child.text, f"{tag}/y")
+            y = _number(child.text, f"{tag}/y", problems, domain)
         elif child.tag == "time":
-            t = _time_ms(child.text, f"{tag}/time")
+            t = _time_ms(child.text, f"{tag}/time", problems)
+    if math.isnan(x) or math.isnan(y):
+        x = y = math.nan  # half a point is no point
     return x, y, t
 
 
-def _parse_task(block, traces):
+def _parse_task(block, traces, problems):
     task = ImageNetABTask()
     pairs = {}
     trace = []
@@ -110,13 +154,12 @@ def _parse_task(block, traces):
                 for child in el:
                     sample[child.tag] = child.text
                     if len(sample) == 3:
-                        trace.append(
-                            (
-                                _time_ms(sample.get("time"), "mouseTracking/time"),
-                                _number(sample.get("x"), "mouseTracking/x"),
-                                _number(sample.get("y"), "mouseTracking/y"),
-                            )
-                        )
+                        t = _time_ms(sample.get("time"), "mouseTracking/time", problems)
+                        x = _number(sample.get("x"), "mouseTracking/x", problems, "unit")
+                        y = _number(sample.get("y"), "mouseTracking/y", problems, "unit")
+                        if math.isnan(x) or math.isnan(y):
+                            x = y = math.nan
+                        trace.append((t, x, y))
                         sample = {}
         elif tag == "hoveredRecord":
             if traces:
@@ -126,7 +169,7 @@ def _parse_task(block, traces):
                         action = sys.intern((child.text or "").strip())
                     elif child.tag == "time":
                         hover_actions.append(action)
-                        hover_times.append(_time_ms(child.text, "hoveredRecord/time"))
+                        hover_times.append(_time_ms(child.text, "hoveredRecord/time", problems))
                         action = None
         elif tag == "selected":
             text = (el.text or "").strip()
@@ -134,21 +177,21 @@ def _parse_task(block, traces):
                 raise ValueError(f"<selected> holds {text!r}, not True/False")
             task.selected = _TRUE[text]
         elif tag == "selectedRecord":
-            x, y, t = _xy(el, tag)
+            x, y, t = _xy(el, tag, problems, "unit")
             task.point = (x, y)
             task.selected_time = t
         elif tag == "imagePosition":
-            x, y, _ = _xy(el, tag)
+            x, y, _ = _xy(el, tag, problems, "finite")
             task.image_position = (x, y)
         elif tag in _NUMBERS:
-            setattr(task, _NUMBERS[tag], _number(el.text, tag))
+            setattr(task, _NUMBERS[tag], _number(el.text, tag, problems, "nonnegative"))
         elif tag in _STRINGS:
             text = (el.text or "").strip()
             setattr(task, _STRINGS[tag], text if text and text != "None" else None)
         elif tag in _PAIR_TAGS:
-            pairs[tag] = _number(el.text, tag)
+            pairs[tag] = _number(el.text, tag, problems, "positive")
         elif tag == "hit_submit_time":
-            task.hit_submit_time = _time_ms(el.text, tag)
+            task.hit_submit_time = _time_ms(el.text, tag, problems)
         else:
             task.extra[tag] = el.text
     for name, (a, b) in _PAIRS.items():
@@ -162,7 +205,15 @@ def _parse_task(block, traces):
     return task
 
 
-def parse_imagenet_ab_xml(path, traces=True):
+def _check_file_name(path):
+    name = os.path.basename(path)
+    if not _FILE_NAME.fullmatch(name):
+        raise ByproductFormatError(
+            path, f"file name {name!r} is not <wnid>_<id>.xml: not an ImageNet-AB annotation file"
+        )
+
+
+def parse_imagenet_ab_xml(path, traces=True, *, on_error="raise", errors=None):
     """Parse one ImageNet-AB XML file.
 
     Parameters
@@ -172,6 +223,12 @@ def parse_imagenet_ab_xml(path, traces=True):
     traces : bool, default=True
         Parse mouse traces and hover records (set False for speed and memory when only clicks and timings
         are needed; ``trace`` and ``hover_times`` are then empty).
+    on_error : {"raise", "skip"}, default="raise"
+        What to do with impossible values (non-finite, or out of range, see the module docstring): raise
+        :class:`ByproductFormatError`, or read them as missing and report them (one :class:`ParseError`
+        per file, naming the fields) in ``errors``. A malformed file raises in both cases.
+    errors : list, optional
+        Where ``on_error="skip"`` appends that report; when None, a :class:`UserWarning` is issued instead.
 
     Returns
     -------
@@ -180,8 +237,9 @@ def parse_imagenet_ab_xml(path, traces=True):
     Raises
     ------
     ByproductFormatError
-        If the file is not well-formed XML, holds forbidden constructs (entities, external references), or a
-        field does not parse. ``OSError`` if it cannot be read.
+        If the file is not named ``<wnid>_<id>.xml``, is not well-formed XML, holds forbidden constructs
+        (entities, external references), is not an ``<annotation>``, or a field does not parse (the message
+        names the file and the field). ``OSError`` if it cannot be read.
 
     Examples
     --------
@@ -195,11 +253,16 @@ def parse_imagenet_ab_xml(path, traces=True):
     >>> rec.key, rec.point.tolist(), rec.tasks[0].trace.shape
     ('n01440764/n01440764_1', [0.25, 0.5], (0, 3))
     """
+    check_on_error(on_error)
     path = os.fspath(path)
+    _check_file_name(path)
     with open(path, "rb") as f:
         data = f.read()
+    problems = []
     try:
         root = fromstring(data)
+        if root.tag != "annotation":
+            raise ValueError(f"the root element is <{root.tag}>, not <annotation>: not an ImageNet-AB file")
         tasks = []
         boxes = []
         names = []
@@ -207,16 +270,30 @@ def parse_imagenet_ab_xml(path, traces=True):
         for el in root:
             tag = el.tag
             if tag == "metadata":
-                tasks.append(_parse_task(el, traces))
+                tasks.append(_parse_task(el, traces, problems))
             elif tag == "object":
                 box = el.find("bndbox")
                 if box is not None:
-                    boxes.append([_number(box.findtext(c), f"bndbox/{c}") for c in _BOX_TAGS])
+                    boxes.append(
+                        [_number(box.findtext(c), f"bndbox/{c}", problems, "nonnegative") for c in _BOX_TAGS]
+                    )
                     names.append(el.findtext("name"))
             elif tag == "size":
-                size = tuple(_number(el.findtext(c), f"size/{c}") for c in ("width", "height"))
+                size = tuple(
+                    _number(el.findtext(c), f"size/{c}", problems, "positive") for c in ("width", "height")
+                )
     except (_XMLSyntaxError, DefusedXmlException, ValueError) as exc:
         raise ByproductFormatError(path, f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure on one untrusted file is that file's error
+        raise ByproductFormatError(path, f"{type(exc).__name__}: {exc}") from exc
+    if problems:
+        report = ParseError(path, summarize_problems(problems))
+        if on_error == "raise":
+            raise ByproductFormatError(*report)
+        if errors is None:
+            warnings.warn(f"{report.path}: {report.reason}", UserWarning, stacklevel=2)
+        else:
+            errors.append(report)
     return ImageNetABRecord(
         key=imagenet_key(path),
         path=path,
@@ -263,18 +340,25 @@ def _parse_chunk(paths, traces):
     records, errors = [], []
     for path in paths:
         try:
-            records.append(parse_imagenet_ab_xml(path, traces=traces))
+            records.append(parse_imagenet_ab_xml(path, traces=traces, on_error="skip", errors=errors))
         except ByproductFormatError as exc:
             errors.append(ParseError(exc.path, exc.reason))
         except OSError as exc:
             errors.append(ParseError(path, f"{type(exc).__name__}: {exc.strerror or exc}"))
+        except Exception as exc:  # noqa: BLE001 - one bad file must not end the run under on_error="skip"
+            errors.append(ParseError(path, f"{type(exc).__name__}: {exc}"))
     return records, errors
 
 
 def _unique_by_key(paths):
-    """Drop repeated paths; a second file for the same image key is an error (the first one is kept)."""
+    """Drop repeated paths; a second file for the same image key, or a badly named file, is an error."""
     first, unique, errors = {}, [], []
     for path in paths:
+        try:
+            _check_file_name(path)
+        except ByproductFormatError as exc:
+            errors.append(ParseError(exc.path, exc.reason))
+            continue
         key = imagenet_key(path)
         if key not in first:
             first[key] = path
@@ -298,9 +382,31 @@ def _resolve_paths(source, keys):
     else:
         paths = [os.fspath(p) for p in source if not os.path.basename(os.fspath(p)).startswith("._")]
         if keys is not None:
-            by_key = {imagenet_key(p): p for p in paths}
+            by_key = {}
+            for p in paths:
+                if _FILE_NAME.fullmatch(os.path.basename(p)):  # badly named files cannot match a key
+                    by_key.setdefault(imagenet_key(p), p)
             paths = [by_key[k] for k in (imagenet_key(k) for k in keys) if k in by_key]
     return _unique_by_key(paths)
+
+
+def _parse_in_parallel(chunks, traces, n_jobs):
+    """Parse chunks with joblib, in order, streaming the results when the backend can.
+
+    Backends that cannot return a generator (Ray's joblib backend) get windows of a few chunks per worker
+    from one pool, so that memory stays bounded there too.
+    """
+    backend, _ = get_active_backend()
+    if getattr(backend, "supports_return_generator", True):
+        yield from Parallel(n_jobs=n_jobs, return_as="generator")(
+            delayed(_parse_chunk)(chunk, traces) for chunk in chunks
+        )
+        return
+    window = 4 * max(1, effective_n_jobs(n_jobs))
+    with Parallel(n_jobs=n_jobs) as parallel:
+        for start in range(0, len(chunks), window):
+            window_chunks = chunks[start : start + window]
+            yield from parallel(delayed(_parse_chunk)(chunk, traces) for chunk in window_chunks)
 
 
 def iter_imagenet_ab_chunks(
@@ -342,9 +448,7 @@ def iter_imagenet_ab_chunks(
     if n_jobs in (None, 1) or len(chunks) <= 1:
         results = (_parse_chunk(chunk, traces) for chunk in chunks)
     else:
-        results = Parallel(n_jobs=n_jobs, return_as="generator")(
-            delayed(_parse_chunk)(chunk, traces) for chunk in chunks
-        )
+        results = _parse_in_parallel(chunks, traces, n_jobs)
     for records, chunk_errors in results:
         errors += chunk_errors
         if errors and on_error == "raise":
@@ -366,9 +470,12 @@ def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs
         :func:`imagenet_key`). An image without a file gets no record, not an error: after
         ``records.align(keys)`` its entry is None and the encoders give it a missing Z row.
     on_error : {"raise", "skip"}, default="raise"
-        What to do with a malformed, truncated or unreadable file (or a second file for the same image):
-        raise :class:`ByproductFormatError` for the first one, in path order, or skip it and list it, with
-        the reason, in ``records.errors``.
+        What to do with a malformed, truncated or unreadable file, a file not named ``<wnid>_<id>.xml``
+        (a stray ``README.xml``) or not holding an ``<annotation>``, or a second file for the same image:
+        raise :class:`ByproductFormatError` naming the first one, in path order, or skip it and list it,
+        with the reason, in ``records.errors``. Any failure on one file is that file's error. A file with
+        impossible values (non-finite or out-of-range numbers) is kept with those values missing and is
+        listed in ``records.errors`` too (it raises under ``"raise"``).
     traces : bool, default=True
         Parse mouse traces and hover records.
     n_jobs : int, optional

@@ -210,8 +210,9 @@ def make_spurious_scenes(
     Measured with ImageNet EfficientNet-Lite0 features (see ``benchmarks/luab_study.py``): the default cat
     vs coffee pair is so distinct that a linear probe on pooled features ignores the background even at
     ``correlation=0.95`` (100% worst-group accuracy); ``classes=("faces", "nonfaces")`` with
-    ``object_scale=(0.2, 0.3)`` and ``correlation=0.98`` is the setting where the background shortcut
-    wins (the LUAB study's default). Both pass the foreground decodability check (>= 98%).
+    ``object_scale=(0.2, 0.3)`` and ``correlation`` of 0.98 or more is the setting where the background
+    shortcut wins (:func:`luab_sk.study.run_study` uses these classes with ``correlation=0.99`` by default).
+    Both pass the foreground decodability check (>= 98%).
 
     Examples
     --------

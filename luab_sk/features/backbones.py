@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -411,10 +412,23 @@ class _TorchvisionBackbone(Backbone):
 
 
 # -- builders -------------------------------------------------------------------------------------------
+# torch has one global CPU generator per process, shared by all threads: two random-init builds running in
+# parallel threads would interleave their draws (and each one's fork_rng would restore the state under the
+# other), giving both wrong weights that then get cached under the seed's key. Builds are serialised.
+_INIT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _seeded_init(seed: int = _INIT_SEED):
-    """Make random initialisation reproducible across processes without touching the caller's RNG."""
-    with torch.random.fork_rng(devices=[]):
+    """Make random initialisation reproducible across processes and threads without touching the caller's RNG.
+
+    The block runs under a process-wide lock, with torch's global CPU generator forked (saved and restored
+    around the block) and seeded with ``seed``: the same seed gives the same weights in any thread, however
+    many backbones are built at once. Other code that draws from torch's global generator in another thread
+    during a build (a model being trained there, say) can still interleave with it: torch has no per-thread
+    generator.
+    """
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 
