@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The study writes its table and plots to luab_output/ (git ignores it), replacing an earlier run's.
 demo: $(STAMP)
-	$(BIN)/python -m luab_sk.cli study
+	$(BIN)/python -m luab_sk.cli study --force
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,7 +14,8 @@ Usage::
     python benchmarks/luab_study.py --correlation 0.95   # another training correlation (files *_corr0.95.*)
 
 Writes ``luab_study{,_quick,_full}{,_corr<c>}.md/.json`` and the plots ``*_weights.png`` and
-``*_attention.png`` to ``benchmarks/results/``.
+``*_attention.png`` to ``benchmarks/results/`` (replacing them): this script is the only one that writes the
+tracked results the README quotes. ``luab study`` (``make demo``) writes to ``./luab_output/`` instead.
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ JSON record and two plots.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +39,15 @@ from .estimators.distill import GeneralizedDistillationClassifier
 from .features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, FeatureExtractor, load_backbone
 from .metrics import pointing_game, worst_group_accuracy
 
-__all__ = ["METHODS", "PRESETS", "check_decodability", "run_study", "to_backbone_frame"]
+__all__ = [
+    "DEFAULT_SEEDS",
+    "METHODS",
+    "PRESETS",
+    "check_decodability",
+    "output_names",
+    "run_study",
+    "to_backbone_frame",
+]
 
 METHODS = (
     "linear probe (pooled)",
@@ -48,9 +58,13 @@ METHODS = (
     "generalized distillation",
 )
 
+DEFAULT_SEEDS = (0, 1, 2)
+"""The model seeds of the main job: the default of :func:`run_study`, of ``PRESETS["default"]`` and of
+``luab study``."""
+
 PRESETS = {
     "quick": {"n_train": 200, "n_val": 50, "n_test": 100, "seeds": (0, 1)},
-    "default": {"n_train": 600, "n_val": 200, "n_test": 400, "seeds": (0, 1, 2)},
+    "default": {"n_train": 600, "n_val": 200, "n_test": 400, "seeds": DEFAULT_SEEDS},
     "full": {"n_train": 1000, "n_val": 300, "n_test": 700, "seeds": (0, 1, 2, 3, 4)},
 }
 """Study sizes: ``run_study(**PRESETS["quick"])`` for a first look (350 scenes), ``"default"`` (the main job,
@@ -242,7 +256,7 @@ def run_study(
     click_noise=0.15,
     missing_rate=0.14,
     image_size=224,
-    seeds=(0, 1, 2),
+    seeds=DEFAULT_SEEDS,
     byproduct_weights=(0.0, 0.3, 1.0, 3.0, 10.0, 30.0),
     luab_params=None,
     backbone=DEFAULT_BACKBONE,
@@ -269,8 +283,8 @@ def run_study(
         show a background of the other class). See ``benchmarks/results/`` for 0.95 and 0.98.
     classes, backgrounds, object_scale, click_noise, missing_rate, image_size
         Benchmark parameters, see :func:`~luab_sk.datasets.spurious.make_spurious_scenes`.
-    seeds : sequence of int, default=(0, 1, 2)
-        Model seeds; every method is fitted once per seed on the same features.
+    seeds : sequence of int, default=DEFAULT_SEEDS
+        Model seeds, (0, 1, 2); every method is fitted once per seed on the same features.
     byproduct_weights : sequence of float, default=(0, 0.3, 1, 3, 10, 30)
         Grid of ``GridSearchCV`` over ``byproduct_weight`` (LUAB with Z, accuracy on the validation split);
         the selected weight is used by every LUAB line.
@@ -287,9 +301,12 @@ def run_study(
     output_dir : str or None, default=None
         Where to write ``<output_name>.md``, ``.json``, ``_weights.png`` (validation accuracy against the
         byproduct weight) and ``_attention.png`` (attention maps without Z, with Z and with shuffled Z on
-        minority-group test scenes); None writes nothing.
+        minority-group test scenes); None writes nothing. The folder is created (with its parents) and
+        checked for writing before any work; existing files of the same names are replaced, each written
+        atomically (see :func:`output_names`). ``luab study`` writes to ``./luab_output/`` by default; only
+        ``benchmarks/luab_study.py`` writes the tracked ``benchmarks/results/``.
     output_name : str, default="luab_study"
-        Stem of the output files.
+        Stem of the output files (a plain file name, no folder).
     plots : bool, default=True
         Draw the plots (needs matplotlib) when ``output_dir`` is set.
     min_decodability : float, default=0.9
@@ -341,6 +358,8 @@ def run_study(
             "the kNN-imputed line)."
         )
     params = {**DEFAULT_LUAB_PARAMS, **(luab_params or {})}
+    if output_dir is not None:
+        _prepare_output_dir(Path(output_dir), output_name, plots)
     log = print if verbose else (lambda *a, **k: None)
     timings = {}
     start = time.perf_counter()
@@ -493,10 +512,60 @@ def run_study(
     return result
 
 
+def output_names(output_name="luab_study", plots=True):
+    """The names of the files :func:`run_study` writes into ``output_dir``.
+
+    Examples
+    --------
+    >>> output_names("luab_study_quick")
+    ['luab_study_quick.md', 'luab_study_quick.json', 'luab_study_quick_weights.png',
+     'luab_study_quick_attention.png']
+    >>> output_names(plots=False)
+    ['luab_study.md', 'luab_study.json']
+    """
+    names = [f"{output_name}.md", f"{output_name}.json"]
+    return names + ([f"{output_name}_weights.png", f"{output_name}_attention.png"] if plots else [])
+
+
+def _prepare_output_dir(out, name, plots):
+    """Before any work: a plain stem, the folder created and writable, matplotlib present for the plots."""
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"output_name must be a plain file name without a folder, got {name!r}.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"output_dir {str(out)!r} cannot be created: {err}") from err
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"output_dir {str(out)!r} is not writable.")
+    if plots:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError(
+                "the study's plots need matplotlib (pip install 'luab_sk[study]'), or pass plots=False."
+            )
+
+
+def _atomic_write(path, write):
+    """Write ``path`` through ``write(temporary path)``, then rename it into place: no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _write_outputs(out, name, result, meta, test, maps, plots):
     out.mkdir(parents=True, exist_ok=True)
-    files = [out / f"{name}.md", out / f"{name}.json"]
-    files[0].write_text("# LUAB study: spurious backgrounds, frozen features\n\n" + result.markdown)
+    files = [out / n for n in output_names(name, plots)]
+    header = "# LUAB study: spurious backgrounds, frozen features\n\n"
+    _atomic_write(files[0], lambda tmp: Path(tmp).write_text(header + result.markdown, encoding="utf-8"))
     cv = result.cv_results
     record = {
         "config": meta,
@@ -509,7 +578,7 @@ def _write_outputs(out, name, result, meta, test, maps, plots):
         "timings_s": result.timings,
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
     }
-    files[1].write_text(json.dumps(record, indent=2))
+    _atomic_write(files[1], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8"))
     if plots:
         from .plotting import plot_attention_overlays, plot_byproduct_weight_curve
 
@@ -517,8 +586,7 @@ def _write_outputs(out, name, result, meta, test, maps, plots):
         ax.set_ylabel("validation accuracy (group-balanced)")
         ax.set_title("LUAB attention probe: accuracy vs byproduct weight")
         ax.figure.tight_layout()
-        files.append(out / f"{name}_weights.png")
-        ax.figure.savefig(files[-1], dpi=120)
+        _atomic_write(files[2], lambda tmp: ax.figure.savefig(tmp, dpi=120, format="png"))
         minority = np.flatnonzero(test.y != test.background)[:6]
         shown = {
             k: maps[k][minority]
@@ -531,6 +599,5 @@ def _write_outputs(out, name, result, meta, test, maps, plots):
             boxes=test.boxes_seen[minority],
             titles=[test.class_names[c] for c in test.y[minority]],
         )
-        files.append(out / f"{name}_attention.png")
-        fig.savefig(files[-1], dpi=100)
+        _atomic_write(files[3], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     return [str(f) for f in files]
