@@ -73,7 +73,7 @@ def test_glimpse_keeps_the_background_out(spatial):
     glimpse = _fit(X, y, Z, byproduct_target="heatmap", glimpse=0.07)
     assert _pointing(glimpse, X_test, pos_test) > 0.8
     assert glimpse.score(X_test, y_test) > soft.score(X_test, y_test) + 0.2
-    with pytest.raises(ValueError, match="glimpse must be None or a positive width"):
+    with pytest.raises(ValueError, match="The 'glimpse' parameter of LUABClassifier must be"):
         _fit(X, y, glimpse=0.0, max_iter=2)
 
 

@@ -9,21 +9,9 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from luab_sk.estimators import _faiss
 from luab_sk.estimators.knn import FaissKNNClassifier
-
-
-@parametrize_with_checks(
-    [
-        FaissKNNClassifier(n_neighbors=3),
-        FaissKNNClassifier(n_neighbors=3, metric="l2", weights="distance"),
-        FaissKNNClassifier(n_neighbors=3, weights="uniform", index="ivf", random_state=0),
-    ]
-)
-def test_sklearn_compatible(estimator, check):
-    check(estimator)
 
 
 @pytest.fixture(scope="module")
@@ -166,23 +154,24 @@ def test_n_jobs_sets_and_restores_faiss_threads(digits, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    "kwargs",
     [
-        ({"n_neighbors": 0}, "n_neighbors must be a positive integer"),
-        ({"n_neighbors": 2.5}, "n_neighbors must be a positive integer"),
-        ({"metric": "manhattan"}, "metric must be one of"),
-        ({"weights": "softmax"}, "weights must be one of"),
-        ({"temperature": 0.0}, "temperature must be a positive"),
-        ({"index": "hnsw"}, "index must be one of"),
-        ({"nlist": -3}, "nlist must be None or a positive integer"),
-        ({"nprobe": True}, "nprobe must be None or a positive integer"),
-        ({"device": 0}, "device must be"),
-        ({"device": "tpu"}, "device"),
+        {"n_neighbors": 0},
+        {"n_neighbors": 2.5},
+        {"metric": "manhattan"},
+        {"weights": "softmax"},
+        {"temperature": 0.0},
+        {"index": "hnsw"},
+        {"nlist": -3},
+        {"nprobe": True},
+        {"device": 0},
+        {"device": "tpu"},
     ],
 )
-def test_bad_params_name_the_argument(kwargs, match):
+def test_bad_params_name_the_argument(kwargs):
     X, y = _clusters(n=100)
-    with pytest.raises(ValueError, match=match):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=f"The '{name}' parameter of FaissKNNClassifier must be"):
         FaissKNNClassifier(**kwargs).fit(X, y)
 
 

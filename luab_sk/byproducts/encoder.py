@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.preprocessing import RobustScaler
 from sklearn.utils.validation import check_is_fitted
 
-from ._records import COCOABRecord, ImageNetABRecord
+from .._param_validation import Integral, Interval, Real, StrOptions, _fit_context
+from ._records import COCOABRecord, ImageNetABRecord, valid_unit_points
 from .geometry import points_to_heatmap
 
 __all__ = ["ByproductEncoder", "icon_positions"]
@@ -56,17 +55,18 @@ def icon_positions(record, position="add"):
     for action, name, p_from, p_to in zip(record.action_types, record.icon_types, record.points_from,
                                           record.points_to):
         mine = icons.setdefault(name, [])
+        to_ok, from_ok = valid_unit_points(np.array([p_to, p_from]))  # off-image or non-finite: missing
         if action == "add":
-            if not np.isnan(p_to).any():
+            if to_ok:
                 mine.append(p_to)
         elif position == "final" and action in ("move", "remove") and mine:
-            if np.isnan(p_from).any():
+            if not from_ok:
                 i = len(mine) - 1
             else:
                 i = int(np.argmin([np.sum((p - p_from) ** 2) for p in mine]))
             if action == "remove":
                 mine.pop(i)
-            elif not np.isnan(p_to).any():
+            elif to_ok:
                 mine[i] = p_to
     return {name: np.array(pts).reshape(-1, 2) for name, pts in icons.items() if pts}
 
@@ -95,11 +95,11 @@ def _as_record_list(records, name="records"):
 
 def _resample_trace(trace, length):
     """Resample a ``(t, 3)`` ``[time, x, y]`` trace to ``length`` points evenly spaced in time."""
-    trace = trace[~np.isnan(trace[:, 1:]).any(axis=1)]
+    trace = trace[valid_unit_points(trace[:, 1:])]  # samples off the image, or non-finite, are missing
     if len(trace) == 0:
         return np.full((length, 2), np.nan)
     times = trace[:, 0]
-    if len(trace) == 1 or np.isnan(times).any() or np.ptp(times) <= 0:
+    if len(trace) == 1 or not np.isfinite(times).all() or np.ptp(times) <= 0:
         times = np.arange(len(trace), dtype=float)  # no usable clock: space the samples evenly
     order = np.argsort(times, kind="stable")
     times, xy = times[order], trace[order, 1:]
@@ -118,7 +118,7 @@ def _hover_time(task):
         elif action == "leave" and entered is not None:
             total += t - entered
             entered = None
-    return total
+    return total if np.isfinite(total) and total >= 0 else np.nan
 
 
 def _nanmean(values):
@@ -149,6 +149,12 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
           missing), ``hovered_count``, ``hover_time`` (ms between enter and leave events) and
           ``selected_count`` (means over tasks). COCO-AB: ``time_spent``, ``n_add``, ``n_move``,
           ``n_remove``. Scaled as set by ``timing_scale``.
+
+        The readers already turn impossible values into missing ones; the encoder also defends itself
+        against records built by hand: a click, icon or trace point that is non-finite or outside
+        ``[0, 1]`` (off the displayed image) counts as missing (a point, a per-class point and a heatmap
+        are then NaN unless other valid points remain; trace samples are dropped), and a non-finite or
+        negative timing is missing. Z never holds an infinity, and never a heatmap of an off-image click.
 
         Point-like blocks (point, points_per_class, trace) hold interleaved ``(x, y)`` pairs, so they can be
         moved through crops and flips with :mod:`luab_sk.byproducts.geometry`.
@@ -215,7 +221,18 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         self.trace_length = trace_length
         self.timing_scale = timing_scale
 
+    _parameter_constraints: dict = {
+        "kind": [StrOptions(set(_KINDS)), list, tuple],
+        "per_class_position": [StrOptions({"add", "final"})],
+        "classes": ["array-like", None],
+        "heatmap_shape": [tuple, list],
+        "heatmap_sigma": [Interval(Real, 0, None, closed="neither")],
+        "trace_length": [Interval(Integral, 2, None, closed="left")],
+        "timing_scale": [StrOptions({"robust"}), None],
+    }
+
     def _check_params(self, fmt):
+        """The checks ``_parameter_constraints`` cannot express; returns the kinds to encode."""
         kinds = (self.kind,) if isinstance(self.kind, str) else tuple(self.kind)
         if not kinds or any(k not in _KINDS for k in kinds) or len(set(kinds)) != len(kinds):
             raise ValueError(f"kind must be one or more distinct values of {_KINDS}; got {self.kind!r}.")
@@ -223,19 +240,13 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         if unsupported:
             hint = " (use 'points_per_class')" if "point" in unsupported else " (use 'point')"
             raise ValueError(f"kind {unsupported} is not available for {fmt} records{hint}.")
-        if self.per_class_position not in ("add", "final"):
-            raise ValueError(f"per_class_position must be 'add' or 'final'; got {self.per_class_position!r}.")
         shape = tuple(self.heatmap_shape)
-        if len(shape) != 2 or not all(isinstance(v, numbers.Integral) and v > 0 for v in shape):
+        valid = Interval(Integral, 1, None, closed="left")
+        if len(shape) != 2 or not all(valid.is_satisfied_by(v) for v in shape):
             raise ValueError(f"heatmap_shape must be (H, W), positive integers; got {self.heatmap_shape!r}.")
-        if not (isinstance(self.heatmap_sigma, numbers.Real) and self.heatmap_sigma > 0):
-            raise ValueError(f"heatmap_sigma must be a positive number; got {self.heatmap_sigma!r}.")
-        if not (isinstance(self.trace_length, numbers.Integral) and self.trace_length >= 2):
-            raise ValueError(f"trace_length must be an integer >= 2; got {self.trace_length!r}.")
-        if self.timing_scale not in ("robust", None):
-            raise ValueError(f"timing_scale must be 'robust' or None; got {self.timing_scale!r}.")
         return kinds
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None):
         """Learn the format, the class list and the timing scale from records.
 
@@ -370,7 +381,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
             if rec is None:
                 continue
             pts = rec.point[None] if self.format_ == "imagenet_ab" else self._class_points(rec)
-            pts = pts[~np.isnan(pts).any(axis=1)]
+            pts = pts[valid_unit_points(pts)]
             if len(pts):
                 out[i] = points_to_heatmap(pts, self.heatmap_shape, self.heatmap_sigma).mean(axis=0)
         return out
@@ -388,7 +399,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
                     continue
                 trace = task.trace
                 click = np.asarray(task.point, dtype=float)
-                if not np.isnan(click).any() and not np.array_equal(trace[-1, 1:], click):
+                if valid_unit_points(click)[0] and not np.array_equal(trace[-1, 1:], click):
                     t_click = task.selected_time if task.selected_time >= trace[-1, 0] else trace[-1, 0]
                     trace = np.vstack([trace, [t_click, *click]])
             out[i] = _resample_trace(trace, self.trace_length).ravel()
@@ -410,4 +421,6 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
                     _nanmean([_hover_time(t) for t in rec.tasks]),
                     _nanmean([t.selected_count for t in rec.tasks]),
                 )
+        with np.errstate(invalid="ignore"):
+            out[~(np.isfinite(out) & (out >= 0))] = np.nan  # impossible timings are missing
         return out

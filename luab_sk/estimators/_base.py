@@ -7,6 +7,7 @@ label scores into ``predict`` / ``predict_proba`` / ``decision_function`` for th
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import NamedTuple
@@ -20,11 +21,14 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted
 
+from .._param_validation import Device, Integral, Interval, Real, StrOptions
+
 __all__ = [
     "LabelEncoding",
     "LUABClassifierMixin",
     "check_byproducts",
     "check_click_points",
+    "check_warm_head",
     "check_warm_start",
     "drop_unusable_byproducts",
     "encode_labels",
@@ -114,10 +118,10 @@ def check_byproducts(
             f"{name} has {arr.shape[0]} rows but X has {n_samples} samples; {name} needs one row per sample "
             f"({_SLICING_NOTE}; a transposed {name} would be split wrongly)."
         )
-    if n_columns is not None and arr.shape[1] != n_columns:
-        raise ValueError(f"{name} has {arr.shape[1]} columns, expected {n_columns}.")
     if arr.shape[1] == 0:
         raise ValueError(f"{name} has no columns; pass {name}=None to train without byproducts.")
+    if n_columns is not None and arr.shape[1] != n_columns:
+        raise ValueError(f"{name} has {arr.shape[1]} columns, expected {n_columns}.")
     if np.isinf(arr).any():
         raise ValueError(f"{name} contains infinity; mark missing byproducts with NaN.")
     return arr
@@ -186,7 +190,13 @@ def check_click_points(Z: np.ndarray, n_outputs: int, *, name: str = "Z") -> Non
     ValueError: Z must hold click points, (n_samples, 2) or one point per class ...
     """
     width = Z.shape[1]
-    if width != 2 and not (n_outputs > 1 and width == 2 * n_outputs):
+    if n_outputs == 1 and width != 2:
+        raise ValueError(
+            f"{name} must hold one click point per sample, (n_samples, 2), for a binary task (one label "
+            f"output, one attention map); got {width} columns. One point per class needs a multi-class "
+            "or multi-label task."
+        )
+    if width != 2 and width != 2 * n_outputs:
         raise ValueError(
             f"{name} must hold click points, (n_samples, 2) or one point per class "
             f"(n_samples, {2 * n_outputs}); got {width} columns."
@@ -198,8 +208,31 @@ def check_click_points(Z: np.ndarray, n_outputs: int, *, name: str = "Z") -> Non
         )
 
 
-def check_warm_start(estimator, labels: LabelEncoding, Z: np.ndarray | None, *, name: str = "Z") -> None:
-    """Check that a warm-started fit sees the classes and byproduct layout of the previous fit.
+def check_warm_head(estimator, fitted_head: str) -> None:
+    """Refuse to warm-start a fit whose ``head`` differs from the kind of head fitted before.
+
+    Parameters
+    ----------
+    estimator : fitted estimator
+        With a ``head`` parameter.
+    fitted_head : {"linear", "mlp", "attention"}
+        The kind of head the previous fit built.
+
+    Raises
+    ------
+    ValueError
+    """
+    if estimator.head != fitted_head:
+        raise ValueError(
+            f"warm_start=True continues the fitted {fitted_head!r} head, but head={estimator.head!r} now; "
+            "set warm_start=False to train a new head."
+        )
+
+
+def check_warm_start(
+    estimator, labels: LabelEncoding, Z: np.ndarray | None, fitted_head: str | None = None, *, name: str = "Z"
+) -> None:
+    """Check that a warm-started fit sees the head, classes and byproduct layout of the previous fit.
 
     Parameters
     ----------
@@ -209,14 +242,19 @@ def check_warm_start(estimator, labels: LabelEncoding, Z: np.ndarray | None, *, 
         The new targets.
     Z : ndarray or None
         The new (usable) byproducts.
+    fitted_head : {"linear", "mlp", "attention"}, optional
+        The kind of head the previous fit built; None takes ``estimator.head`` (no head check).
     name : str, default="Z"
 
     Raises
     ------
     ValueError
-        When the classes differ, or Z's width does not fit the byproduct head built by the first fit
-        (pooled heads: the same number of columns; attention: a single map or the same per-class maps).
+        When ``head`` changed, the classes differ, or Z's width does not fit the byproduct head built by the
+        first fit (pooled heads: the same number of columns; attention: a single map or the same per-class
+        maps).
     """
+    fitted_head = estimator.head if fitted_head is None else fitted_head
+    check_warm_head(estimator, fitted_head)
     if not np.array_equal(labels.classes, estimator.classes_) or labels.task != estimator.task_:
         raise ValueError(
             f"warm_start=True needs the classes of the previous fit {estimator.classes_.tolist()}, "
@@ -224,15 +262,26 @@ def check_warm_start(estimator, labels: LabelEncoding, Z: np.ndarray | None, *, 
         )
     width = 0 if Z is None else Z.shape[1]
     fitted = estimator.n_byproducts_
-    if estimator.head == "attention":
+    if fitted_head == "attention":
         allowed = (0, fitted) if fitted > 2 else (0, 2)
     else:
         allowed = (fitted,)
-    if width not in allowed:
+    if width in allowed:
+        return
+    if width == 0:
         raise ValueError(
-            f"warm_start=True: {name} has {width} columns, but the model fitted before takes "
-            f"{' or '.join(map(str, sorted(set(allowed))))}."
+            f"warm_start=True: the model fitted before learned {fitted} byproduct columns, but this fit "
+            f"has no usable {name} ({name}=None, entirely missing, or byproduct_weight=0)."
         )
+    if fitted == 0 and fitted_head != "attention":
+        raise ValueError(
+            f"warm_start=True: the model fitted before was trained without byproducts and has no byproduct "
+            f"head, but {name} has {width} columns; set warm_start=False to train one."
+        )
+    raise ValueError(
+        f"warm_start=True: {name} has {width} columns, but the model fitted before takes "
+        f"{' or '.join(map(str, sorted(set(allowed) - {0})))}."
+    )
 
 
 class LabelEncoding(NamedTuple):
@@ -330,9 +379,18 @@ def seed_from(random_state) -> int:
     return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
 
 
+# torch's default generators are process-wide: seeded blocks of concurrent fits must not interleave.
+_GLOBAL_RNG_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def torch_seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Seed torch's global generators inside the block and restore them afterwards.
+
+    For code that cannot take a :class:`torch.Generator` (dropout inside a backbone, a library's random
+    initialisation). The generators are process-wide, so blocks in concurrent threads are run one at a
+    time (a re-entrant lock): an int seed then gives the same result in any thread. Code that can take a
+    generator should use a local one instead and run concurrently.
 
     Parameters
     ----------
@@ -350,7 +408,7 @@ def torch_seeded(seed: int, device: torch.device | None = None) -> Iterator[None
     True
     """
     devices = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=devices, device_type="cuda"):
         torch.manual_seed(seed)
         yield
 
@@ -360,9 +418,30 @@ class LUABClassifierMixin:
 
     Subclasses set ``classes_`` and ``task_`` in ``fit`` (from :func:`encode_labels`) and implement
     ``_label_scores(X) -> ndarray of shape (n_samples, n_outputs)`` (one column for a binary task).
+    ``_parameter_constraints`` holds the constraints of the parameters both LUAB estimators share; each
+    extends it with its own.
     """
 
     __metadata_request__fit = {"Z": True}
+    _parameter_constraints: dict = {
+        "head": [StrOptions({"linear", "mlp", "attention"})],
+        "hidden_size": [Interval(Integral, 1, None, closed="left")],
+        "n_heads": [Interval(Integral, 1, None, closed="left")],
+        "byproduct_weight": [Interval(Real, 0, None, closed="left")],
+        "byproduct_loss": [StrOptions({"smooth_l1", "l2", "l1"})],
+        "sigma": [Interval(Real, 0, None, closed="neither")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "warm_start": ["boolean"],
+        "device": [Device()],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
 
     def decision_function(self, X):
         """Label scores (logits).
@@ -392,11 +471,13 @@ class LUABClassifierMixin:
         ndarray of shape (n_samples, n_classes)
         """
         check_is_fitted(self)
+        # float64, and expit(-s) rather than 1 - expit(s): both columns stay strictly monotone in the
+        # scores wherever float64 can resolve them (|s| below about 30), on every CPU.
         scores = self._label_scores(X).astype(np.float64)
         if self.task_ == "multiclass":
             return softmax(scores, axis=1)
         p = expit(scores)
-        return np.hstack([1.0 - p, p]) if self.task_ == "binary" else p
+        return np.hstack([expit(-scores), p]) if self.task_ == "binary" else p
 
     def predict(self, X):
         """Predicted class labels (a 0/1 indicator matrix for multi-label y).

@@ -6,6 +6,7 @@ plus ``alpha / 2`` times the squared norm of every weight matrix (biases are not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -13,7 +14,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["EarlyStopping", "TrainResult", "l2_penalty", "train_module"]
+__all__ = [
+    "EarlyStopping",
+    "NonFiniteObjectiveError",
+    "TrainResult",
+    "check_finite_objective",
+    "check_finite_parameters",
+    "l2_penalty",
+    "train_module",
+]
 
 Batch = Sequence[Tensor | None]
 
@@ -21,6 +30,81 @@ Batch = Sequence[Tensor | None]
 # _STALL_EPS_FACTOR machine epsilons (relative), end the fit.
 _STALL_ITERATIONS = 3
 _STALL_EPS_FACTOR = 16
+
+
+class NonFiniteObjectiveError(ValueError, FloatingPointError):
+    """The training objective (or a parameter) became NaN or infinite; no model was produced.
+
+    A ``ValueError`` and a ``FloatingPointError``, so either ``except`` clause catches it.
+    """
+
+
+def check_finite_objective(
+    value: float,
+    iteration: int,
+    *,
+    solver: str,
+    learning_rate: float | None = None,
+    what: str = "The training objective",
+) -> None:
+    """Raise :class:`NonFiniteObjectiveError` naming the likely causes when ``value`` is not finite.
+
+    Every training loop calls it on the objective after each iteration or epoch, so that no fit ever
+    returns a model whose predictions are NaN.
+
+    Parameters
+    ----------
+    value : float
+        The objective (or loss) just computed.
+    iteration : int
+        1-based iteration or epoch (0: the starting point), for the message.
+    solver : str
+        Name of the optimiser, for the message.
+    learning_rate : float, optional
+        The step size of a first-order optimiser; named as the first suspect when given.
+    what : str, default="The training objective"
+        What became non-finite, for the message.
+
+    Raises
+    ------
+    NonFiniteObjectiveError
+
+    Examples
+    --------
+    >>> check_finite_objective(0.7, 3, solver="lbfgs")
+    >>> check_finite_objective(float("nan"), 3, solver="adamw", learning_rate=10.0)
+    Traceback (most recent call last):
+    ...
+    luab_sk.estimators._training.NonFiniteObjectiveError: The training objective became nan at ...
+    """
+    if math.isfinite(value):
+        return
+    where = "at the starting point" if iteration == 0 else f"at iteration {iteration}"
+    causes = []
+    if learning_rate is not None:
+        causes.append(f"a learning rate that is too high (learning_rate={learning_rate:g}; try 10x lower)")
+    causes += [
+        "features that are not standardized or have extreme values (scale X, or keep standardize=True)",
+        "an extreme byproduct_weight, alpha or sample_weight",
+    ]
+    raise NonFiniteObjectiveError(
+        f"{what} became {value} {where} ({solver}); the fit was stopped and no model was "
+        f"kept. Likely causes: {'; '.join(causes)}."
+    )
+
+
+def check_finite_parameters(
+    module: nn.Module, iteration: int, *, solver: str, learning_rate: float | None = None
+) -> None:
+    """Raise :class:`NonFiniteObjectiveError` when a parameter of ``module`` is NaN or infinite.
+
+    The last optimiser step can break the weights after the last loss was computed, so training loops
+    check the parameters once more at the end (see :func:`check_finite_objective` for the arguments).
+    """
+    if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+        check_finite_objective(
+            float("nan"), iteration, solver=solver, learning_rate=learning_rate, what="A model parameter"
+        )
 
 
 class TrainResult(NamedTuple):
@@ -187,11 +271,13 @@ def train_module(
         )
         closure = _CachedClosure(params, optimizer, lambda: total_loss(data))
         first = closure()
+        check_finite_objective(float(first), 0, solver="L-BFGS")
         stall_tol = _STALL_EPS_FACTOR * torch.finfo(first.dtype).eps
         previous, stalled = float(first), 0
         for _ in range(max_iter):
             optimizer.step(closure)
             current = float(closure())  # cached: evaluated by the line search
+            check_finite_objective(current, len(loss_curve) + 1, solver="L-BFGS")
             loss_curve.append(current)
             stop = tracker.update()
             _report(verbose, len(loss_curve), current, tracker)
@@ -216,6 +302,7 @@ def train_module(
                 optimizer.step()
                 running += float(loss.detach()) * index.numel()
             current = running / n_samples
+            check_finite_objective(current, len(loss_curve) + 1, solver="AdamW", learning_rate=learning_rate)
             loss_curve.append(current)
             stop = tracker.update()
             _report(verbose, len(loss_curve), current, tracker)
@@ -228,6 +315,7 @@ def train_module(
                 converged = True
                 break
     tracker.restore_best()
+    check_finite_parameters(module, len(loss_curve), solver=solver)
     module.eval()
     return TrainResult(len(loss_curve), loss_curve, tracker.scores, converged)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import numbers
 import warnings
 
 import numpy as np
@@ -16,18 +15,27 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from .._param_validation import Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
-from ..nn import build_head, feature_moments, label_loss, multitask_loss, reduced_rank_init_, whitened
+from ..nn import (
+    build_head,
+    feature_moments,
+    label_loss,
+    multitask_loss,
+    prior_label_loss,
+    reduced_rank_init_,
+    whitened,
+)
 from ._base import (
     LUABClassifierMixin,
     check_byproducts,
     check_click_points,
+    check_warm_head,
     check_warm_start,
     drop_unusable_byproducts,
     encode_labels,
     nan_standardization,
     seed_from,
-    torch_seeded,
     validation_split,
 )
 from ._training import train_module
@@ -42,6 +50,10 @@ _LBFGS_MAX_ELEMENTS = 100_000_000
 # Token rows used to fit the width-reducing PCA of the attention head.
 _PCA_MAX_ROWS = 20_000
 _PREDICT_CHUNK = 8192
+# The fitted-versus-prior label loss check runs on an evenly strided subsample of about this many rows,
+# and warns when the fitted loss exceeds the prior's by this relative (and absolute) margin.
+_PRIOR_CHECK_ROWS = 8192
+_PRIOR_MARGIN = 1e-2
 
 
 class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
@@ -134,7 +146,8 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         ``"auto"`` uses CUDA when available.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation, shuffling, the validation split and the PCA; an int gives identical
-        predictions on every fit.
+        predictions on every fit, in any thread or process (the fit draws from local generators, never
+        from torch's global one).
     verbose : int, default=0
         Print the objective every iteration/epoch.
 
@@ -232,7 +245,22 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    _parameter_constraints: dict = {
+        **LUABClassifierMixin._parameter_constraints,
+        "n_layers": [Interval(Integral, 1, None, closed="left")],
+        "byproduct_target": [StrOptions({"auto", *POOLED_TARGETS, *ATTENTION_TARGETS})],
+        "grid_shape": [tuple, list, None],
+        "glimpse": [Interval(Real, 0, None, closed="neither"), None],
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "solver": [StrOptions({"auto", "lbfgs", "adamw"})],
+        "standardize": ["boolean"],
+        "impute_byproducts": [StrOptions({"knn"}), None],
+        "n_impute_neighbors": [Interval(Integral, 1, None, closed="left")],
+    }
+
     # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, Z=None, sample_weight=None):
         """Train on features X, labels y and (optionally) byproducts Z.
 
@@ -246,14 +274,23 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             Byproducts, NaN for missing elements (masked out of the loss). Must be an array with one
             row per sample so that cross-validation and pipelines split it with X.
         sample_weight : array-like of shape (n_samples,), optional
+            Finite, non-negative weights, not all zero.
 
         Returns
         -------
         self : LUABClassifier
+
+        Raises
+        ------
+        luab_sk.estimators._training.NonFiniteObjectiveError
+            When the training objective becomes NaN or infinite; the estimator is then left unfitted (or,
+            with ``warm_start``, as the previous fit left it).
         """
-        self._check_params()
+        byproduct_target = self._byproduct_target()
         attention = self.head == "attention"
-        warm = bool(self.warm_start) and hasattr(self, "module_")
+        warm = self.warm_start and hasattr(self, "module_")
+        if warm:
+            check_warm_head(self, self.module_.kind)
         X, y = validate_data(
             self,
             X,
@@ -268,20 +305,25 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         check_classification_targets(y)
         labels = encode_labels(y)
         n_outputs = 1 if labels.task == "binary" else labels.classes.size
-        sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float32)
+        sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float32, ensure_non_negative=True)
         Z = check_byproducts(Z, X.shape[0])
         if Z is not None and attention:
             check_click_points(Z, n_outputs)
         Z = drop_unusable_byproducts(Z, self.byproduct_weight)
+        if Z is not None and self.impute_byproducts == "knn":
+            _check_impute_neighbors(Z, self.n_impute_neighbors)
         seed = seed_from(self.random_state)
         device = resolve_device(self.device)
 
         if warm:
-            check_warm_start(self, labels, Z)
+            check_warm_start(self, labels, Z, self.module_.kind)
             X = self._transform_input(self._check_tokens(X))
         else:
+            # A fresh fit forgets the previous model first: should it fail, the estimator is unfitted.
+            vars(self).pop("module_", None)
             self.classes_, self.task_ = labels.classes, labels.task
             X = self._fit_input_transform(X, seed)
+        self.byproduct_target_ = byproduct_target
         if Z is not None and self.impute_byproducts == "knn":
             Z = self._impute(X, Z)
         if not warm:
@@ -293,10 +335,11 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         if Z is not None and self.z_scale_ is not None:
             Z = (Z - self.z_mean_) / self.z_scale_
 
-        if not warm:
-            self._build(X.shape[-1], n_outputs, seed, device)
+        # Trained as a local module (a copy, when warm-starting) and kept only when training succeeds.
+        if warm:
+            module = copy.deepcopy(self.module_).to(device)
         else:
-            self.module_.to(device)
+            module = self._build(X.shape[-1], n_outputs, seed, device)
 
         data = [
             _tensor(X, device),
@@ -320,7 +363,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             moments = feature_moments(x_fit, w_fit)
             if not warm:
                 reduced_rank_init_(
-                    self.module_,
+                    module,
                     x_fit,
                     y_fit,
                     z_fit,
@@ -331,11 +374,11 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                     moments=moments,
                 )
             if solver == "lbfgs":
-                precondition = whitened(self.module_.trunk, moments, float(self.alpha))
+                precondition = whitened(module.trunk, moments, float(self.alpha))
         generator = torch.Generator().manual_seed(seed)
         with precondition:
             result = train_module(
-                self.module_,
+                module,
                 self._objective,
                 data,
                 solver=solver,
@@ -349,6 +392,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 generator=generator,
                 verbose=self.verbose,
             )
+        self.module_ = module
         self.n_iter_ = result.n_iter
         self.loss_curve_ = result.loss_curve
         self.validation_scores_ = result.validation_scores
@@ -359,6 +403,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 ConvergenceWarning,
                 stacklevel=2,
             )
+        self._warn_if_worse_than_prior(data, n_outputs, solver)
         return self
 
     def _build(self, width, n_outputs, seed, device):
@@ -366,19 +411,38 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         hidden_size = self.hidden_size
         if self.head == "linear":  # a larger rank represents no other map and has the same optimum
             hidden_size = min(hidden_size, width, n_outputs + self.n_byproducts_)
-        with torch_seeded(seed, device):
-            self.module_ = build_head(
-                self.head,
-                width,
-                n_outputs,
-                0 if attention else self.n_byproducts_,
-                hidden_size=hidden_size,
-                n_layers=self.n_layers,
-                grid_shape=self.grid_shape_ if attention else None,
-                n_heads=self.n_heads,
-                per_class_maps=attention and self.n_byproducts_ > 2,
-                glimpse=self.glimpse,
-            ).to(device)
+        return build_head(
+            self.head,
+            width,
+            n_outputs,
+            0 if attention else self.n_byproducts_,
+            hidden_size=hidden_size,
+            n_layers=self.n_layers,
+            grid_shape=self.grid_shape_ if attention else None,
+            n_heads=self.n_heads,
+            per_class_maps=attention and self.n_byproducts_ > 2,
+            glimpse=self.glimpse,
+            generator=torch.Generator().manual_seed(seed),  # local: the same weights in any thread
+        ).to(device)
+
+    def _warn_if_worse_than_prior(self, data, n_outputs, solver):
+        """Warn when the fitted labels are predicted worse than by the class frequencies alone."""
+        x, y, _, w = data
+        rows = slice(None, None, max(1, x.shape[0] // _PRIOR_CHECK_ROWS))
+        with torch.inference_mode():
+            logits = self.module_(x[rows]).logits
+            fitted = float(label_loss(logits, y[rows], self.task_, sample_weight=w[rows]))
+        prior = float(prior_label_loss(y[rows], self.task_, n_outputs, sample_weight=w[rows]))
+        if fitted > prior * (1 + _PRIOR_MARGIN) + _PRIOR_MARGIN:
+            scale = "" if self.standardize else " X is not standardized here: use standardize=True."
+            warnings.warn(
+                f"LUABClassifier ({solver}) ended with a training label loss of {fitted:.4g}, worse than "
+                f"predicting the class frequencies ({prior:.4g}): the solver failed.{scale} Badly scaled "
+                "features, too large a learning_rate, too few iterations or an overwhelming "
+                "byproduct_weight can cause this.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
 
     def _objective(self, module, x, y, z, w):
         return multitask_loss(
@@ -397,39 +461,16 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     def _validation_score(self, module, x, y, w):
         return -float(label_loss(module(x).logits, y, self.task_, sample_weight=w))
 
-    def _check_params(self):
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}.")
+    def _byproduct_target(self):
+        """The resolved ``byproduct_target`` (a cross-parameter check the constraints cannot express)."""
         targets = ATTENTION_TARGETS if self.head == "attention" else POOLED_TARGETS
-        target = self.byproduct_target
-        if target == "auto":
-            target = targets[0]
+        target = targets[0] if self.byproduct_target == "auto" else self.byproduct_target
         if target not in targets:
             raise ValueError(
                 f"byproduct_target={target!r} does not fit head={self.head!r}; "
                 f"use one of {('auto',) + targets}."
             )
-        self.byproduct_target_ = target
-        if self.solver not in ("auto", "lbfgs", "adamw"):
-            raise ValueError(f"solver must be 'auto', 'lbfgs' or 'adamw', got {self.solver!r}.")
-        if self.impute_byproducts not in (None, "knn"):
-            raise ValueError(f"impute_byproducts must be None or 'knn', got {self.impute_byproducts!r}.")
-        if not isinstance(self.byproduct_weight, numbers.Real) or not self.byproduct_weight >= 0:
-            raise ValueError(
-                f"byproduct_weight must be a non-negative number, got {self.byproduct_weight!r}."
-            )
-        if not isinstance(self.alpha, numbers.Real) or not self.alpha >= 0:
-            raise ValueError(f"alpha must be a non-negative number, got {self.alpha!r}.")
-        for name in ("hidden_size", "n_layers", "n_heads", "max_iter", "batch_size", "n_iter_no_change"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if self.n_components is not None and (
-            not isinstance(self.n_components, numbers.Integral) or self.n_components < 1
-        ):
-            raise ValueError(f"n_components must be None or a positive integer, got {self.n_components!r}.")
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}.")
+        return target
 
     def _check_x_rank(self, X):
         if self.head == "attention" and X.ndim != 3:
@@ -476,6 +517,9 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         if self.standardize:
             return ((X - self.x_mean_) / self.x_scale_).astype(np.float32)
         return X
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "module_")
 
     def _impute(self, X, Z):
         from .knn import KNNByproductImputer  # a sibling estimator, imported only when asked for
@@ -564,6 +608,15 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
 def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(array), device=device)
+
+
+def _check_impute_neighbors(Z: np.ndarray, n_neighbors: int) -> None:
+    n_annotated = int((~np.isnan(Z).all(axis=1)).sum())
+    if n_neighbors > n_annotated:
+        raise ValueError(
+            f"impute_byproducts='knn' needs n_impute_neighbors <= the number of annotated rows of Z; got "
+            f"n_impute_neighbors={n_neighbors} with {n_annotated} annotated rows of {Z.shape[0]}."
+        )
 
 
 def _grid(grid_shape, n_tokens: int) -> tuple[int, int]:

@@ -8,8 +8,6 @@ multitask route of :class:`~luab_sk.estimators.classifier.LUABClassifier`.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
@@ -18,7 +16,9 @@ from sklearn.utils import check_array
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._param_validation import Device, HasMethods, Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
+from ._training import check_finite_objective
 
 __all__ = ["GeneralizedDistillationClassifier"]
 
@@ -105,19 +105,16 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.device = device
 
-    def _check_params(self):
-        if self.teacher_input not in ("z", "xz"):
-            raise ValueError(f"teacher_input must be 'z' or 'xz', got {self.teacher_input!r}.")
-        if not isinstance(self.temperature, numbers.Real) or not self.temperature > 0:
-            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}.")
-        if not isinstance(self.imitation, numbers.Real) or not 0 <= self.imitation <= 1:
-            raise ValueError(f"imitation must lie in [0, 1], got {self.imitation!r}.")
-        if not isinstance(self.alpha, numbers.Real) or not self.alpha >= 0:
-            raise ValueError(f"alpha must be a non-negative number, got {self.alpha!r}.")
-        if not isinstance(self.max_iter, numbers.Integral) or self.max_iter < 1:
-            raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}.")
-        if self.teacher is not None and not hasattr(self.teacher, "predict_proba"):
-            raise ValueError(f"teacher must be a classifier with predict_proba, got {self.teacher!r}.")
+    _parameter_constraints: dict = {
+        "teacher": [HasMethods(["fit", "predict_proba"]), None],
+        "teacher_input": [StrOptions({"z", "xz"})],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "imitation": [Interval(Real, 0, 1, closed="both")],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "device": [Device()],
+    }
 
     def _check_Z(self, Z, n_samples):
         if Z is None:
@@ -131,6 +128,7 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"Z has {len(Z)} rows but X has {n_samples} samples; they must match.")
         return Z
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, Z=None):
         """Fit the teacher on the privileged input, then distill it into the student on X.
 
@@ -148,7 +146,6 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : GeneralizedDistillationClassifier
         """
-        self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         Z = self._check_Z(Z, len(X))
@@ -196,10 +193,15 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
             return loss
 
         opt.step(closure)
+        n_iter = int(opt.state[opt._params[0]]["n_iter"])
+        check_finite_objective(float(closure().detach()), n_iter, solver="L-BFGS")  # where it stopped
         W_np, b_np = W.detach().cpu().numpy(), b.detach().cpu().numpy()
         self.coef_ = W_np / scale
         self.intercept_ = b_np - self.coef_ @ mean
-        self.n_iter_ = int(opt.state[opt._params[0]]["n_iter"])
+        self.n_iter_ = n_iter
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "coef_")
 
     def _logits(self, X):
         check_is_fitted(self)

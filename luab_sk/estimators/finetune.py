@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import numbers
 import os
+import tempfile
+import warnings
 from functools import partial
 from pathlib import Path
 
@@ -19,8 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # not tqdm.auto: its asyncio class opens an extra DataLoader iterator
 
+from .._param_validation import Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
+from ..features._hashing import image_id
 from ..features.backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, load_backbone
+from ..features.cache import _atomic_write, _write_json
+from ..features.images import ImageLoadError, describe_item
 from ..nn import HeadOutput, build_head, label_loss, multitask_loss
 from ._augment import ImageByproductDataset, JointTransform
 from ._base import (
@@ -34,12 +41,15 @@ from ._base import (
     torch_seeded,
     validation_split,
 )
-from ._training import EarlyStopping
+from ._training import EarlyStopping, check_finite_objective, check_finite_parameters
 
 __all__ = ["LUABFineTuner"]
 
-HEADS = ("linear", "mlp", "attention")
 CHECKPOINT_NAME = "last.pt"
+# The JSON record beside the checkpoint: its SHA-256 and the fingerprint of the fit that wrote it.
+CHECKPOINT_RECORD_SUFFIX = ".json"
+# Suffix of a checkpoint (and its record) set aside because it failed verification.
+QUARANTINE_SUFFIX = ".corrupt"
 # Parameters that do not change the trained weights; a checkpoint may be resumed when they differ.
 _RUNTIME_PARAMS = ("checkpoint_dir", "resume", "warm_start", "device", "num_workers", "verbose")
 
@@ -122,11 +132,17 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     validation_fraction : float, default=0.1
     n_iter_no_change : int, default=3
     tol : float, default=1e-4
-    checkpoint_dir : str or None, default=None
-        Write ``last.pt`` (weights, optimizer, schedule, epoch, history) there after every epoch.
+    checkpoint_dir : str, path-like or None, default=None
+        Write ``last.pt`` (weights, optimizer, schedule, epoch, history) there after every epoch, and beside
+        it ``last.pt.json`` with the checkpoint's SHA-256 and the fingerprint of the fit (each written
+        atomically). The directory is created, and checked to be writable, before training starts.
     resume : bool, default=True
         When ``checkpoint_dir`` holds a checkpoint of the same parameters and data, continue from it; the
-        result equals an uninterrupted run (on CPU; GPU kernels may not be deterministic).
+        result equals an uninterrupted run (on CPU; GPU kernels may not be deterministic). "Same data"
+        means the same image content (file bytes of paths, pixels of arrays and PIL images), labels and Z.
+        The checkpoint is verified against its SHA-256 first and loaded with ``weights_only=True``; one
+        that fails (corrupt, truncated, no record) is renamed ``last.pt.corrupt`` with a
+        :class:`RuntimeWarning`, and training starts from scratch.
     warm_start : bool, default=False
         Continue training the fitted model for ``max_iter`` more epochs (new optimizer and schedule); an
         existing checkpoint is then not resumed from, only overwritten.
@@ -263,7 +279,32 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    _parameter_constraints: dict = {
+        **LUABClassifierMixin._parameter_constraints,
+        "backbone": [str],
+        "pretrained": [str, os.PathLike, None],
+        "layer": [Interval(Integral, None, None, closed="neither"), None],
+        "byproduct_target": [StrOptions({"auto", "point", "heatmap"})],
+        "trainable_layers": [StrOptions({"full", "frozen"}), Interval(Integral, 0, None, closed="left")],
+        "head_learning_rate": [Interval(Real, 0, None, closed="neither"), None],
+        "layer_decay": [Interval(Real, 0, 1, closed="right")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "warmup_epochs": [Interval(Real, 0, None, closed="left")],
+        "clip_grad_norm": [Interval(Real, 0, None, closed="neither"), None],
+        "amp": [StrOptions({"auto"}), "boolean"],
+        "channels_last": ["boolean"],
+        "image_size": [Interval(Integral, 8, None, closed="left"), None],
+        "augment": ["boolean"],
+        "crop_scale": [tuple, list, None],
+        "hflip": ["boolean"],
+        "color_jitter": [Interval(Real, 0, None, closed="left")],
+        "checkpoint_dir": [str, os.PathLike, None],
+        "resume": ["boolean"],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+    }
+
     # ------------------------------------------------------------------ fit
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, Z=None):
         """Fine-tune on images X, labels y and (optionally) click points Z.
 
@@ -285,12 +326,18 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         Raises
         ------
         ValueError
-            For invalid parameters, Z misaligned with X, Z outside [0, 1], or a checkpoint in
-            ``checkpoint_dir`` written for other parameters or data.
+            For invalid parameters, Z misaligned with X, Z outside [0, 1], a ``checkpoint_dir`` that is a
+            file or not writable (before any training), or a checkpoint in ``checkpoint_dir`` written for
+            other parameters or data.
         luab_sk.features.images.ImageLoadError
             When an image file is missing or corrupt (the message names it).
+
+        Warns
+        -----
+        RuntimeWarning
+            When the checkpoint in ``checkpoint_dir`` fails its checksum and is set aside.
         """
-        self._check_params()
+        byproduct_target = self._check_params()
         X = _check_images(X)
         check_consistent_length(X, y)
         check_classification_targets(y)
@@ -302,12 +349,13 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         Z = drop_unusable_byproducts(Z, self.byproduct_weight)
         continuing = self.warm_start and hasattr(self, "model_")
         if continuing:
-            check_warm_start(self, labels, Z)
+            check_warm_start(self, labels, Z, self.model_.head.kind)
         device = resolve_device(self.device)
         checkpoint = self._read_checkpoint(X, labels, Z, continuing)
         seed = checkpoint["seed"] if checkpoint is not None else seed_from(self.random_state)
 
         self.classes_, self.task_ = labels.classes, labels.task
+        self.byproduct_target_ = byproduct_target
         self.n_byproducts_ = 0 if Z is None else Z.shape[1]
         with torch_seeded(seed, device):
             if not continuing:
@@ -388,7 +436,10 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             running += float(loss.detach()) * images.shape[0]
             seen += images.shape[0]
             bar.set_postfix(loss=f"{running / seen:.4f}")
-        return running / max(seen, 1)
+        mean = running / max(seen, 1)
+        check_finite_objective(mean, epoch + 1, solver="AdamW", learning_rate=self.learning_rate)
+        check_finite_parameters(model, epoch + 1, solver="AdamW", learning_rate=self.learning_rate)
+        return mean
 
     def _validation_score(self, model, loader, device):
         total, seen = 0.0, 0
@@ -491,8 +542,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------ checking
     def _check_params(self):
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}.")
+        """The checks ``_parameter_constraints`` cannot express; returns the resolved ``byproduct_target``."""
         targets = ("heatmap", "point") if self.head == "attention" else ("point",)
         target = targets[0] if self.byproduct_target == "auto" else self.byproduct_target
         if target not in targets:
@@ -500,60 +550,22 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 f"byproduct_target={self.byproduct_target!r} does not fit head={self.head!r}; "
                 f"use one of {('auto',) + targets}."
             )
-        self.byproduct_target_ = target if self.head == "attention" else "regression"
-        if not isinstance(self.byproduct_weight, numbers.Real) or not self.byproduct_weight >= 0:
-            raise ValueError(
-                f"byproduct_weight must be a non-negative number, got {self.byproduct_weight!r}."
-            )
-        for name in ("hidden_size", "n_heads", "max_iter", "batch_size", "n_iter_no_change"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("learning_rate", "weight_decay", "warmup_epochs", "sigma", "tol", "color_jitter"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or not value >= 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}.")
-        if self.head_learning_rate is not None and not (
-            isinstance(self.head_learning_rate, numbers.Real) and self.head_learning_rate >= 0
-        ):
-            raise ValueError(f"head_learning_rate must be None or >= 0, got {self.head_learning_rate!r}.")
-        if not isinstance(self.layer_decay, numbers.Real) or not 0 < self.layer_decay <= 1:
-            raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay!r}.")
-        if self.clip_grad_norm is not None and not (
-            isinstance(self.clip_grad_norm, numbers.Real) and self.clip_grad_norm > 0
-        ):
-            raise ValueError(f"clip_grad_norm must be None or positive, got {self.clip_grad_norm!r}.")
-        if self.amp not in ("auto", True, False):
-            raise ValueError(f"amp must be 'auto', True or False, got {self.amp!r}.")
-        tl = self.trainable_layers
-        if tl not in ("full", "frozen") and (
-            isinstance(tl, bool) or not isinstance(tl, numbers.Integral) or tl < 0
-        ):
-            raise ValueError(f"trainable_layers must be 'full', 'frozen' or an int >= 0, got {tl!r}.")
-        if self.image_size is not None and (
-            isinstance(self.image_size, bool)
-            or not isinstance(self.image_size, numbers.Integral)
-            or self.image_size < 8
-        ):
-            raise ValueError(f"image_size must be None or an int >= 8, got {self.image_size!r}.")
         if self.crop_scale is not None and not (
             len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
         ):
             raise ValueError(
                 f"crop_scale must be None or (min, max) with 0 < min <= max <= 1, got {self.crop_scale!r}."
             )
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction!r}.")
-        if (
-            isinstance(self.num_workers, bool)
-            or not isinstance(self.num_workers, numbers.Integral)
-            or (self.num_workers < 0)
-        ):
-            raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}.")
+        return target if self.head == "attention" else "regression"
 
     # ---------------------------------------------------------- checkpoints
     def _fingerprint(self, X, labels, Z, continuing):
+        """What a checkpoint must have been written for: the parameters that shape the weights, the
+        content of the images (file bytes of paths, pixels of arrays and PIL images), the labels, Z, the
+        bytes of a local ``pretrained`` weights file, and the epoch a warm start continues from."""
         params = {k: v for k, v in self.get_params().items() if k not in _RUNTIME_PARAMS}
+        if isinstance(self.pretrained, (str, os.PathLike)) and os.path.isfile(self.pretrained):
+            params["pretrained"] = (os.fspath(self.pretrained), _sha256(self.pretrained))
         data = joblib.hash((_items_key(X), labels.y, labels.classes, Z))
         start = self.n_iter_ if continuing else 0
         return joblib.hash((params, data, start))
@@ -562,32 +574,46 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         return Path(self.checkpoint_dir) / CHECKPOINT_NAME
 
     def _read_checkpoint(self, X, labels, Z, continuing):
+        """Check ``checkpoint_dir`` and return the verified checkpoint to resume from, or None.
+
+        A checkpoint whose bytes do not match the SHA-256 of its JSON record (or that has no readable
+        record, or that torch cannot load) is moved aside with a warning and training starts afresh; a
+        verified checkpoint written for other parameters or data is refused.
+        """
         self._checkpoint_fingerprint = None
         if self.checkpoint_dir is None:
             return None
+        _check_checkpoint_dir(self.checkpoint_dir)
         self._checkpoint_fingerprint = self._fingerprint(X, labels, Z, continuing)
         path = self._checkpoint_path()
         if not self.resume or continuing or not path.exists():
             return None
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - torch raises many types for unreadable files
-            raise ValueError(
-                f"Could not read the checkpoint {str(path)!r} ({type(err).__name__}: {err}); delete it or "
-                "pass resume=False."
-            ) from err
-        if not isinstance(checkpoint, dict) or checkpoint.get("fingerprint") != self._checkpoint_fingerprint:
+        record = _read_record(_record_path(path))
+        if record is None:
+            _quarantine(path, f"its checksum record {str(_record_path(path))!r} is missing or unreadable")
+            return None
+        if record.get("sha256") != _sha256(path):
+            _quarantine(path, "its bytes do not match the SHA-256 checksum in its record")
+            return None
+        if record.get("fingerprint") != self._checkpoint_fingerprint:
             raise ValueError(
                 f"The checkpoint {str(path)!r} was written by a fit with other parameters or data; use "
                 "another checkpoint_dir, delete the file, or pass resume=False to overwrite it."
             )
-        return checkpoint
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for unloadable files
+            _quarantine(path, f"torch cannot load it ({type(err).__name__}: {err})")
+            return None
 
     def _write_checkpoint(self, epoch, stopped, seed, model, optimizer, scheduler, tracker):
+        """Write the checkpoint, then its JSON record (SHA-256 and fingerprint); each atomically.
+
+        An interruption between the two leaves a checkpoint that fails verification: the next fit
+        warns, sets it aside and starts afresh, so a checkpoint is never resumed unverified.
+        """
         path = self._checkpoint_path()
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {
-            "fingerprint": self._checkpoint_fingerprint,
             "epoch": epoch,
             "stopped": bool(stopped),
             "seed": int(seed),
@@ -602,9 +628,9 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 "best_state": tracker.best_state,
             },
         }
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: an interruption never leaves a half-written checkpoint
+        _atomic_write(path, partial(torch.save, state))
+        record = {"sha256": _sha256(path), "fingerprint": self._checkpoint_fingerprint, "epoch": int(epoch)}
+        _write_json(_record_path(path), record)
 
     def _restore(self, checkpoint, model, optimizer, scheduler, tracker, device):
         model.load_state_dict(checkpoint["model"])
@@ -810,7 +836,66 @@ def _subset(X, index):
 
 
 def _items_key(X):
-    """What identifies the training images for the checkpoint fingerprint (paths, or the pixels)."""
+    """Content digests of the training images for the checkpoint fingerprint (file bytes of paths)."""
     if isinstance(X, np.ndarray):
-        return X
-    return [os.fspath(x) if isinstance(x, (str, os.PathLike)) else x for x in X]
+        return image_id(X)
+    keys = []
+    for item in X:
+        try:
+            keys.append(image_id(item, mode="content"))
+        except OSError as err:
+            raise ImageLoadError(f"Could not read the image file {describe_item(item)}: {err}") from err
+    return keys
+
+
+def _sha256(path) -> str:
+    """Hex SHA-256 of a file's bytes, read afresh (no memo: a checkpoint is rewritten in place)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKPOINT_RECORD_SUFFIX)
+
+
+def _read_record(path: Path):
+    """The checkpoint's JSON record as a dict, or None when it is missing or unreadable."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _quarantine(path: Path, reason: str) -> None:
+    """Move a checkpoint that failed verification (and its record) aside, with a warning naming it."""
+    moved = path.with_name(path.name + QUARANTINE_SUFFIX)
+    os.replace(path, moved)
+    record = _record_path(path)
+    if record.exists():
+        os.replace(record, _record_path(moved))
+    warnings.warn(
+        f"The checkpoint {str(path)!r} failed verification ({reason}); it was moved to {str(moved)!r} "
+        "and training starts from scratch.",
+        RuntimeWarning,
+        stacklevel=5,  # _quarantine, _read_checkpoint, fit, its _fit_context wrapper, the caller
+    )
+
+
+def _check_checkpoint_dir(checkpoint_dir) -> None:
+    """Create ``checkpoint_dir`` when missing and check that files can be written there, before training."""
+    path = Path(checkpoint_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        problem = "is a file, not a directory" if path.is_file() else f"is not a writable directory ({err})"
+        raise ValueError(
+            f"checkpoint_dir={os.fspath(checkpoint_dir)!r} {problem}; pass a directory where checkpoints can "
+            "be written, or checkpoint_dir=None."
+        ) from err

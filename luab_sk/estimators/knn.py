@@ -20,8 +20,9 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .._param_validation import Device, Integral, Interval, Real, StrOptions, _fit_context
 from ._base import check_byproducts
-from ._faiss import FaissGPUFallbackWarning, NeighborIndex, check_search_params, faiss_threads, gpu_id_for
+from ._faiss import INDEX_TYPES, METRICS, FaissGPUFallbackWarning, NeighborIndex, faiss_threads, gpu_id_for
 
 __all__ = ["FaissGPUFallbackWarning", "FaissKNNClassifier", "KNNByproductImputer"]
 
@@ -31,17 +32,23 @@ STRATEGIES = ("mean", "nearest")
 _MIN_DISTANCE = 1e-12
 
 
-def _check_common_params(est):
-    """Validate the parameters shared by both estimators; errors name the parameter."""
-    k = est.n_neighbors
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"n_neighbors must be a positive integer, got {k!r}.")
-    if est.weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {est.weights!r}.")
-    t = est.temperature
-    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not np.isfinite(t) or t <= 0:
-        raise ValueError(f"temperature must be a positive finite number, got {t!r}.")
-    check_search_params(est.metric, est.index, est.nlist, est.nprobe, est.device)
+# Parameters shared by both estimators; each class extends this dict with its own.
+_KNN_PARAMETER_CONSTRAINTS: dict = {
+    "n_neighbors": [Interval(Integral, 1, None, closed="left")],
+    "metric": [StrOptions(set(METRICS))],
+    "weights": [StrOptions(set(WEIGHTS))],
+    "temperature": [Interval(Real, 0, None, closed="neither")],
+    "index": [StrOptions(set(INDEX_TYPES))],
+    "nlist": [Interval(Integral, 1, None, closed="left"), None],
+    "nprobe": [Interval(Integral, 1, None, closed="left"), None],
+    "device": [Device(("cpu", "cuda")), None],
+    "n_jobs": [
+        Interval(Integral, None, -1, closed="right"),
+        Interval(Integral, 1, None, closed="left"),
+        None,
+    ],
+    "random_state": ["random_state"],
+}
 
 
 def _build_index(est, X):
@@ -182,6 +189,9 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         self.n_jobs = n_jobs
         self.random_state = random_state
 
+    _parameter_constraints: dict = dict(_KNN_PARAMETER_CONSTRAINTS)
+
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
         """Index the training rows.
 
@@ -196,7 +206,6 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         -------
         self : FaissKNNClassifier
         """
-        _check_common_params(self)
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         check_classification_targets(y)
         if self.n_neighbors > X.shape[0]:
@@ -379,6 +388,12 @@ class KNNByproductImputer(BaseEstimator):
             raise ValueError("KNNByproductImputer needs Z, the byproducts to impute (NaN rows are filled).")
         return check_byproducts(Z, n_samples, n_columns=n_columns, dtype=np.float64)
 
+    _parameter_constraints: dict = {
+        **_KNN_PARAMETER_CONSTRAINTS,
+        "strategy": [StrOptions(set(STRATEGIES))],
+    }
+
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, Z):
         """Index the features of the annotated rows of Z.
 
@@ -393,9 +408,6 @@ class KNNByproductImputer(BaseEstimator):
         -------
         self : KNNByproductImputer
         """
-        _check_common_params(self)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
         X = validate_data(self, X, dtype=[np.float32, np.float64])
         Z = self._check_Z(Z, X.shape[0])
         annotated = ~np.isnan(Z).all(axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,10 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from .._param_validation import Device, Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
 from ._hashing import image_id
 from .backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
 from .cache import EmbeddingCache, _atomic_write
+from .gpu_decode import TensorDecodeLoader, decode_cache_tag, resolve_decode_device
 from .images import ImageDataset, ImageLoadError, describe_item, load_image
 
 __all__ = ["FeatureExtractor"]
@@ -178,6 +181,15 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         Rows per cache shard: a kill loses at most the shard in flight.
     verbose : int, default=0
         A tqdm progress bar (images/s) when > 0.
+    decode_device : {"auto", "cpu", "cuda"}, default="auto"
+        Where JPEG files are decoded and resized: ``"cpu"`` (PIL), ``"cuda"`` (nvJPEG and torch resize on
+        the GPU, see :mod:`luab_sk.features.gpu_decode`; other files and failures fall back per image to
+        the CPU), or ``"auto"``: the GPU when ``device`` is CUDA and GPU decoding works (probed once; a
+        warning and the CPU otherwise). Part of the cache key (pixels differ slightly).
+    cache_lock_timeout : float or None, default=600
+        Seconds to wait for another process that holds the cache store's lock before raising
+        ``TimeoutError`` (None waits indefinitely); a ``CacheLockWarning`` names the lock file and the
+        holder's pid after a few seconds of waiting. Not part of the cache key.
 
     Attributes
     ----------
@@ -230,6 +242,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         on_error: str = "raise",
         shard_size: int = 1024,
         verbose: int = 0,
+        decode_device: str = "auto",
+        cache_lock_timeout: float | None = 600,
     ):
         self.backbone = backbone
         self.pretrained = pretrained
@@ -247,6 +261,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.on_error = on_error
         self.shard_size = shard_size
         self.verbose = verbose
+        self.decode_device = decode_device
+        self.cache_lock_timeout = cache_lock_timeout
 
     # -- sklearn plumbing -------------------------------------------------------------------------------
     def __sklearn_tags__(self):
@@ -256,27 +272,28 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         tags.transformer_tags.preserves_dtype = []
         return tags
 
-    def _check_params(self) -> None:
-        for name, allowed in (
-            ("output", _OUTPUTS),
-            ("dtype", tuple(_DTYPES)),
-            ("precision", _PRECISIONS),
-            ("image_id", _IMAGE_IDS),
-            ("on_error", _ON_ERROR),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        for name, low in (("batch_size", 1), ("num_workers", 0), ("shard_size", 1), ("verbose", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
-        if self.token_dim is not None and (
-            isinstance(self.token_dim, bool)
-            or not isinstance(self.token_dim, (int, np.integer))
-            or self.token_dim < 1
-        ):
-            raise ValueError(f"token_dim must be None or a positive int, got {self.token_dim!r}.")
+    _parameter_constraints: dict = {
+        "backbone": [str],
+        "pretrained": [str, os.PathLike, None],
+        "output": [StrOptions(set(_OUTPUTS))],
+        "layer": [Interval(Integral, None, None, closed="neither"), None],
+        "token_dim": [Interval(Integral, 1, None, closed="left"), None],
+        "projection_seed": [Interval(Integral, 0, None, closed="left")],
+        "dtype": [StrOptions(set(_DTYPES))],
+        "cache_dir": [str, os.PathLike, None],
+        "image_id": [StrOptions(set(_IMAGE_IDS))],
+        "device": [Device()],
+        "precision": [StrOptions(set(_PRECISIONS))],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "num_workers": [Interval(Integral, 0, None, closed="left")],
+        "on_error": [StrOptions(set(_ON_ERROR))],
+        "shard_size": [Interval(Integral, 1, None, closed="left")],
+        "verbose": ["verbose"],
+        "decode_device": [StrOptions({"auto", "cpu", "cuda"})],
+        "cache_lock_timeout": [Interval(Real, 0, None, closed="left"), None],
+    }
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X=None, y=None, **fit_params):
         """Validate the parameters; nothing is learned.
 
@@ -289,7 +306,6 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         -------
         self
         """
-        self._check_params()
         return self
 
     # -- helpers ------------------------------------------------------------------------------------------
@@ -339,6 +355,12 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             "luab_sk": __version__,
         }
 
+    def _store_config(self, backbone: Backbone, projection, device: torch.device, precision: str) -> dict:
+        """The cache configuration of ``transform`` on ``device`` (also used by luab_sk.distributed)."""
+        config = self._cache_config(backbone, projection, precision)
+        config["decode"] = decode_cache_tag(resolve_decode_device(self.decode_device, device))
+        return config
+
     def _fail(self, failed: dict, pos: int, item, err: Exception) -> None:
         if self.on_error == "raise":
             raise err
@@ -356,6 +378,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         loader = DataLoader(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=_collate
         )
+        decode_on = resolve_decode_device(self.decode_device, device)
+        if decode_on is not None:  # JPEGs decoded and resized on the GPU, the rest by `dataset`
+            loader = TensorDecodeLoader(dataset, backbone, decode_on, batch_size=self.batch_size)
         model = backbone.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
@@ -390,6 +415,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
     @staticmethod
     def _model_input(backbone, images, device) -> torch.Tensor:
         """The normalised float batch on ``device`` from a collated uint8 array or a list of samples."""
+        if isinstance(images, torch.Tensor):  # uint8 pixels decoded on the device (TensorDecodeLoader)
+            return backbone.normalize(images.to(device, non_blocking=True))
         if isinstance(images, np.ndarray):  # uint8 pixels travel to the device before the float cast
             return backbone.normalize(torch.from_numpy(images).to(device, non_blocking=True))
         normalize = backbone.normalize
@@ -430,7 +457,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         500 to 1000 pixels this changes Lite0 embeddings by a cosine similarity of about 0.998 (median)
         against a full-size decode. It is part of the cache key.
         """
-        self._check_params()
+        self._validate_params()  # transform needs no fit, so it checks the parameters itself
         items = _Items(images)
         device = resolve_device(self.device)
         precision = self._precision(device)
@@ -448,7 +475,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         if self.cache_dir is None:
             result = self._transform_in_memory(items, encode, failed)
         else:
-            config = self._cache_config(backbone, projection, precision)
+            config = self._store_config(backbone, projection, device, precision)
             result = self._transform_cached(items, encode, config, failed)
         self.failed_ = [failed[p] for p in sorted(failed)]
         return result if self.output == "both" else result[self.output]
@@ -481,7 +508,10 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         return ids
 
     def _transform_cached(self, items, encode, config, failed):
-        cache = EmbeddingCache(self.cache_dir, config, self._outputs())
+        layout = {k: (a.dtype, a.shape[1:]) for k, a in self._nan_rows(0).items()}
+        cache = EmbeddingCache(
+            self.cache_dir, config, self._outputs(), lock_timeout=self.cache_lock_timeout, layout=layout
+        )
         self.cache_key_ = cache.key
         if self.projection_ is not None and not (cache.path / "projection.npy").exists():
             projection = self.projection_

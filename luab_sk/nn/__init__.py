@@ -15,6 +15,7 @@ from .losses import (
     masked_regression_loss,
     multitask_loss,
     point_loss,
+    prior_label_loss,
     soft_argmax,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "masked_regression_loss",
     "multitask_loss",
     "point_loss",
+    "prior_label_loss",
     "reduced_rank_init_",
     "soft_argmax",
     "token_centers",

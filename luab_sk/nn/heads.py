@@ -57,6 +57,9 @@ class PooledHead(nn.Module):
         Rank of the linear bottleneck or width of the hidden layers.
     n_layers : int, default=1
         Number of hidden layers (``kind="mlp"`` only).
+    generator : torch.Generator, optional
+        CPU generator of the initial weights (PyTorch's default initialisation of ``nn.Linear``); None uses
+        torch's global generator. A local generator makes the weights independent of other threads.
 
     Examples
     --------
@@ -76,26 +79,27 @@ class PooledHead(nn.Module):
         kind: str = "linear",
         hidden_size: int = 128,
         n_layers: int = 1,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         _check_positive(in_features=in_features, n_outputs=n_outputs, hidden_size=hidden_size)
         if n_byproducts < 0:
             raise ValueError(f"n_byproducts must be >= 0, got {n_byproducts}.")
         if kind == "linear":
-            self.trunk = nn.Linear(in_features, hidden_size, bias=False)
+            self.trunk = _linear(in_features, hidden_size, generator, bias=False)
         elif kind == "mlp":
             _check_positive(n_layers=n_layers)
             layers: list[nn.Module] = []
             width = in_features
             for _ in range(n_layers):
-                layers += [nn.Linear(width, hidden_size), nn.ReLU()]
+                layers += [_linear(width, hidden_size, generator), nn.ReLU()]
                 width = hidden_size
             self.trunk = nn.Sequential(*layers)
         else:
             raise ValueError(f"kind must be 'linear' or 'mlp', got {kind!r}.")
         self.kind = kind
-        self.label_head = nn.Linear(hidden_size, n_outputs)
-        self.byproduct_head = nn.Linear(hidden_size, n_byproducts) if n_byproducts else None
+        self.label_head = _linear(hidden_size, n_outputs, generator)
+        self.byproduct_head = _linear(hidden_size, n_byproducts, generator) if n_byproducts else None
 
     def forward(self, x: Tensor) -> HeadOutput:
         h = self.trunk(x)
@@ -132,6 +136,8 @@ class AttentionHead(nn.Module):
         fraction of the image side) centred on its peak token, and renormalise, in training and
         prediction alike. Soft attention alone keeps some weight on the background, which matters
         when background tokens carry a shortcut; the returned maps are the unnarrowed attention.
+    generator : torch.Generator, optional
+        CPU generator of the initial weights; None uses torch's global generator.
 
     Examples
     --------
@@ -144,6 +150,8 @@ class AttentionHead(nn.Module):
     True
     """
 
+    kind = "attention"
+
     def __init__(
         self,
         in_features: int,
@@ -154,6 +162,7 @@ class AttentionHead(nn.Module):
         n_heads: int = 1,
         per_class_maps: bool = False,
         glimpse: float | None = None,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         _check_positive(
@@ -167,13 +176,14 @@ class AttentionHead(nn.Module):
         self.grid_shape = (grid_h, grid_w)
         self.per_class_maps = bool(per_class_maps)
         n_queries = n_outputs if self.per_class_maps else n_heads
-        self.proj = nn.Linear(in_features, hidden_size)
-        self.queries = nn.Parameter(torch.randn(n_queries, hidden_size) / math.sqrt(hidden_size))
+        self.proj = _linear(in_features, hidden_size, generator)
+        scale = 1.0 / math.sqrt(hidden_size)
+        self.queries = nn.Parameter(torch.randn(n_queries, hidden_size, generator=generator) * scale)
         if self.per_class_maps:
-            self.class_weight = nn.Parameter(torch.randn(n_outputs, hidden_size) / math.sqrt(hidden_size))
+            self.class_weight = nn.Parameter(torch.randn(n_outputs, hidden_size, generator=generator) * scale)
             self.class_bias = nn.Parameter(torch.zeros(n_outputs))
         else:
-            self.label_head = nn.Linear(n_heads * hidden_size, n_outputs)
+            self.label_head = _linear(n_heads * hidden_size, n_outputs, generator)
         self.register_buffer("centers", token_centers(self.grid_shape), persistent=False)
 
     def forward(self, x: Tensor) -> HeadOutput:
@@ -203,6 +213,22 @@ class AttentionHead(nn.Module):
         d2 = ((self.centers - peak.unsqueeze(2)) ** 2).sum(-1)  # (B, Q, L)
         weights = attn * torch.exp(-d2 / (2.0 * self.glimpse**2))
         return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def _linear(
+    in_features: int, out_features: int, generator: torch.Generator | None, bias: bool = True
+) -> nn.Linear:
+    """An ``nn.Linear`` with PyTorch's default initialisation drawn from ``generator``.
+
+    The layer is created on the meta device (which draws no random numbers), so building a head with a
+    local generator leaves torch's global generator untouched.
+    """
+    layer = nn.Linear(in_features, out_features, bias=bias, device="meta").to_empty(device="cpu")
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    if bias:
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer
 
 
 def token_centers(grid_shape: tuple[int, int]) -> Tensor:
@@ -243,6 +269,7 @@ def build_head(
     n_heads: int = 1,
     per_class_maps: bool = False,
     glimpse: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> nn.Module:
     """Build a multitask head by name.
 
@@ -258,7 +285,7 @@ def build_head(
         Number of label scores.
     n_byproducts : int, default=0
         Byproduct columns of a pooled head.
-    hidden_size, n_layers, grid_shape, n_heads, per_class_maps, glimpse
+    hidden_size, n_layers, grid_shape, n_heads, per_class_maps, glimpse, generator
         Passed to the head class.
 
     Returns
@@ -274,7 +301,13 @@ def build_head(
     """
     if kind in ("linear", "mlp"):
         return PooledHead(
-            in_features, n_outputs, n_byproducts, kind=kind, hidden_size=hidden_size, n_layers=n_layers
+            in_features,
+            n_outputs,
+            n_byproducts,
+            kind=kind,
+            hidden_size=hidden_size,
+            n_layers=n_layers,
+            generator=generator,
         )
     if kind == "attention":
         if grid_shape is None:
@@ -287,6 +320,7 @@ def build_head(
             n_heads=n_heads,
             per_class_maps=per_class_maps,
             glimpse=glimpse,
+            generator=generator,
         )
     raise ValueError(f"kind must be one of 'linear', 'mlp', 'attention'; got {kind!r}.")
 

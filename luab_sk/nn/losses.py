@@ -24,6 +24,7 @@ __all__ = [
     "point_loss",
     "label_loss",
     "multitask_loss",
+    "prior_label_loss",
 ]
 
 REGRESSION_LOSSES = ("smooth_l1", "l2", "l1")
@@ -286,6 +287,46 @@ def label_loss(logits: Tensor, target: Tensor, task: str, *, sample_weight: Tens
         return values.mean()
     sample_weight = sample_weight.to(values.dtype)
     return (values * sample_weight).sum() / sample_weight.sum().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def prior_label_loss(
+    target: Tensor, task: str, n_outputs: int, *, sample_weight: Tensor | None = None
+) -> Tensor:
+    """Label loss of the best constant predictor: logits of the (weighted) class or label frequencies.
+
+    Every head has label biases, so a trained model whose :func:`label_loss` on its training data is above
+    this value has failed to fit (it is worse than ignoring its input).
+
+    Parameters
+    ----------
+    target, task, sample_weight
+        As in :func:`label_loss`.
+    n_outputs : int
+        Label outputs of the model (1 for a binary task).
+
+    Returns
+    -------
+    Tensor
+        Scalar, float32.
+
+    Examples
+    --------
+    >>> import torch
+    >>> prior_label_loss(torch.tensor([0, 0, 1, 2]), "multiclass", 3)  # entropy of (1/2, 1/4, 1/4)
+    tensor(1.0397)
+    """
+    w = torch.ones(target.shape[0]) if sample_weight is None else sample_weight.detach().float().cpu()
+    w = w / w.sum()
+    target = target.detach().cpu()
+    tiny = torch.finfo(torch.float32).tiny
+    if task == "multiclass":
+        freq = torch.zeros(n_outputs).index_add_(0, target.long(), w)
+        logits = freq.clamp_min(tiny).log()
+    else:
+        freq = (w[:, None] * target.reshape(target.shape[0], -1).float()).sum(0).clamp(tiny, 1 - 1e-7)
+        logits = (freq / (1 - freq)).log()
+    logits = logits.expand(target.shape[0], -1)
+    return label_loss(logits, target, task, sample_weight=None if sample_weight is None else w)
 
 
 def multitask_loss(
