@@ -338,11 +338,11 @@ def test_bad_z_is_rejected(Z, error, match):
 @pytest.mark.parametrize(
     ("params", "match"),
     [
-        ({"head": "transformer"}, "head must be one of"),
+        ({"head": "transformer"}, "'head' parameter of LUABFineTuner must be"),
         ({"head": "mlp", "byproduct_target": "heatmap"}, "does not fit head='mlp'"),
         ({"trainable_layers": "some"}, "trainable_layers"),
         ({"layer_decay": 0.0}, "layer_decay"),
-        ({"amp": "fp16"}, "amp must be"),
+        ({"amp": "fp16"}, "'amp' parameter of LUABFineTuner must be"),
         ({"max_iter": 0}, "max_iter"),
         ({"crop_scale": (0.5, 2.0)}, "crop_scale"),
         ({"image_size": 4}, "image_size"),

@@ -17,7 +17,6 @@ missing neighbour (id -1) or a non-finite distance raises instead of becoming a 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from contextlib import contextmanager
 
@@ -33,7 +32,6 @@ INDEX_TYPES = ("auto", "flat", "ivf")
 IVF_AUTO_MIN_SAMPLES = 200_000
 # Rows re-scored at once: bounds the (rows * k * d) float32 block gathered from the index.
 _RESCORE_BLOCK_ELEMENTS = 1 << 23
-_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # faiss computes exact distances row by row (no BLAS) for batches with fewer than
 # ``distance_compute_blas_threshold`` (default 128000) / d queries; against 100k x 512 on the 2-core
 # development machine that path measured 5-16x slower than BLAS for 4-250 queries, faster for 1-2.
@@ -47,26 +45,6 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 class FaissGPUFallbackWarning(RuntimeWarning):
     """A faiss GPU index could not be built or used; the CPU index is used instead."""
-
-
-def check_search_params(metric, index, nlist, nprobe, device):
-    """Validate the faiss-related constructor parameters shared by the kNN estimators.
-
-    Raises
-    ------
-    ValueError
-        Naming the offending parameter.
-    """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
-    if index not in INDEX_TYPES:
-        raise ValueError(f"index must be one of {INDEX_TYPES}, got {index!r}.")
-    for name, value in (("nlist", nlist), ("nprobe", nprobe)):
-        is_int = isinstance(value, int | np.integer) and not isinstance(value, bool)
-        if value is not None and not (is_int and value >= 1):
-            raise ValueError(f"{name} must be None or a positive integer, got {value!r}.")
-    if device is not None and not (isinstance(device, str) and _DEVICE_PATTERN.fullmatch(device)):
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
 
 
 def magnitude_exponent(X):

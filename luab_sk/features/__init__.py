@@ -5,7 +5,7 @@ that family is built.
 """
 
 from .backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
-from .cache import EmbeddingCache, cache_info, clear_cache
+from .cache import CacheCorruptionWarning, CacheLockWarning, EmbeddingCache, cache_info, clear_cache
 from .extractor import FeatureExtractor
 from .images import ImageDataset, ImageLoadError, load_image
 
@@ -13,6 +13,8 @@ __all__ = [
     "DEFAULT_BACKBONE",
     "DEFAULT_PRETRAINED",
     "Backbone",
+    "CacheCorruptionWarning",
+    "CacheLockWarning",
     "EmbeddingCache",
     "FeatureExtractor",
     "ImageDataset",
