@@ -246,4 +246,4 @@ def test_large_jpegs_are_decoded_at_a_reduced_scale(tmp_path):
     fe = FeatureExtractor(TINY, pretrained=None, cache_dir=str(tmp_path / "cache"))
     fe.transform([str(path)])
     config = json.loads((tmp_path / "cache" / fe.cache_key_ / "config.json").read_text())["config"]
-    assert config["decode"] == "jpeg-draft"  # the reduced-scale decoding is part of the cache key
+    assert config["decode"] == "jpeg-draft+upright"  # the reduced-scale decoding is part of the cache key

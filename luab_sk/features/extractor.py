@@ -347,7 +347,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             "layer": self.layer,
             "grid": list(backbone.grid),
             "preprocessing": data_config,
-            "decode": "jpeg-draft",  # JPEGs decoded at a reduced DCT scale down to the resize size
+            "decode": decode_cache_tag(None),  # the CPU loader: reduced-scale JPEGs, upright
             "outputs": list(self._outputs()),
             "projection": proj,
             "dtype": self.dtype,
