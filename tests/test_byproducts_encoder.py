@@ -70,10 +70,15 @@ def test_final_positions_are_closer_to_the_objects(coco):
     assert np.abs(final - truth.true_points)[both].mean() < np.abs(add - truth.true_points)[both].mean()
 
 
-def test_classes_are_learned_sorted_from_add_actions(coco):
+def test_per_class_kinds_need_classes_in_the_label_order(coco):
     records, truth = coco
-    enc = ByproductEncoder("points_per_class").fit(records)
-    assert list(enc.classes_) == sorted(enc.classes_) and set(enc.classes_) <= set(truth.classes)
+    for kind in ("points_per_class", "heatmaps_per_class"):
+        with pytest.raises(ValueError, match=r"needs classes=.*mlb.classes_.*the records name \['"):
+            ByproductEncoder(kind).fit(records)
+    enc = ByproductEncoder("points_per_class", classes=truth.classes[::-1]).fit(records)
+    assert list(enc.classes_) == truth.classes[::-1]  # the order given, not sorted
+    # Image-level kinds need no class list.
+    assert ByproductEncoder(["heatmap", "timing"]).fit(records).classes_.size == 0
 
 
 def test_icon_positions_replays_moves_and_removes():
@@ -187,12 +192,13 @@ def test_concatenated_layout(imagenet):
 @pytest.mark.parametrize(
     ("params", "data", "match"),
     [
-        ({"kind": "clicks"}, "imagenet", "kind must be"),
+        ({"kind": "clicks"}, "imagenet", "kind.* must be"),
         ({"kind": ["point", "point"]}, "imagenet", "kind must be"),
         ({"kind": []}, "imagenet", "kind must be"),
         ({"kind": "point"}, "coco", "use 'points_per_class'"),
         ({"kind": "points_per_class"}, "imagenet", "use 'point'"),
         ({"per_class_position": "last"}, "imagenet", "per_class_position"),
+        ({"aggregate": "median"}, "coco", "aggregate"),
         ({"heatmap_shape": (0, 3)}, "imagenet", "heatmap_shape"),
         ({"heatmap_sigma": -1}, "imagenet", "heatmap_sigma"),
         ({"trace_length": 1}, "imagenet", "trace_length"),
@@ -222,6 +228,8 @@ def test_bad_records(imagenet, coco):
         enc.transform(coco[0])
     with pytest.raises(ValueError, match="needs classes"):
         ByproductEncoder("points_per_class").fit([COCOABRecord(1)])
+    with pytest.raises(ValueError, match="y has 3 label columns but classes has 2"):
+        ByproductEncoder("points_per_class", classes=["a", "b"]).fit([COCOABRecord(1)], np.zeros((1, 3)))
     assert np.isnan(enc.transform([None, None])).all()
 
 

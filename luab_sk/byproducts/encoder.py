@@ -13,11 +13,13 @@ from .geometry import points_to_heatmap
 
 __all__ = ["ByproductEncoder", "icon_positions"]
 
-_KINDS = ("point", "points_per_class", "heatmap", "trace", "timing")
+_KINDS = ("point", "points_per_class", "heatmap", "heatmaps_per_class", "trace", "timing")
 _FORMAT_KINDS = {
     "imagenet_ab": {"point", "heatmap", "trace", "timing"},
-    "coco_ab": {"points_per_class", "heatmap", "trace", "timing"},
+    "coco_ab": {"points_per_class", "heatmap", "heatmaps_per_class", "trace", "timing"},
 }
+_PER_CLASS_KINDS = ("points_per_class", "heatmaps_per_class")
+_AGGREGATES = ("last", "first", "mean")
 _TIMING_NAMES = {
     "imagenet_ab": ("estimate_time", "hovered_count", "hover_time", "selected_count"),
     "coco_ab": ("time_spent", "n_add", "n_move", "n_remove"),
@@ -138,10 +140,17 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
 
         - ``"point"`` (ImageNet-AB), 2 columns ``[x, y]``: the reference loader's Z, the mean of the first
           selecting click of every selected task, in ``[0, 1]`` image coordinates.
-        - ``"points_per_class"`` (COCO-AB), ``2 * K`` columns ``[x_0, y_0, x_1, y_1, ...]`` in ``classes_``
-          order: the mean icon position of each class (see ``per_class_position``); NaN for absent classes.
-        - ``"heatmap"``, ``H * W`` columns, row-major: a Gaussian around the click (COCO-AB: an equal mixture
-          of Gaussians around the class points), each row summing to 1.
+        - ``"points_per_class"`` (COCO-AB), ``2 * K`` columns ``[x_0, y_0, x_1, y_1, ...]`` in ``classes``
+          order: one icon position per class (see ``per_class_position``; several icons of one class are
+          reduced as set by ``aggregate``); NaN for absent classes. Needs ``classes``.
+        - ``"heatmap"``, ``H * W`` columns, row-major: a Gaussian around the click. COCO-AB: a mixture of
+          Gaussians at *every* icon (not at the aggregated points, so two instances of a class give two
+          peaks, never one on the background between them), each class weighing equally and sharing its
+          weight equally among its icons; only the classes in ``classes`` when it is given. Each row sums
+          to 1.
+        - ``"heatmaps_per_class"`` (COCO-AB), ``K * H * W`` columns, class-major (class ``k`` owns columns
+          ``k*H*W`` to ``(k+1)*H*W``): for each class of ``classes`` an equal mixture of Gaussians at every
+          icon of that class, summing to 1; all NaN for an absent class. Needs ``classes``.
         - ``"trace"``, ``2 * trace_length`` columns ``[x_0, y_0, ...]``: the mouse trace resampled evenly in
           time. ImageNet-AB: the first selected task that has a trace, extended to end at its click;
           COCO-AB: the whole session.
@@ -161,9 +170,19 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
     per_class_position : {"add", "final"}, default="add"
         For COCO-AB points: the ``add`` drop (reference loader) or the icon's final position after moves and
         removes (see :func:`icon_positions`).
+    aggregate : {"last", "first", "mean"}, default="last"
+        How ``points_per_class`` reduces several icons of one class to one point: the last one (the
+        reference loader's choice: a later ``add`` of a class overwrites an earlier one), the first one,
+        or their mean (which can fall on the background between two instances). With
+        ``per_class_position="final"``, "last" and "first" follow the order in which the surviving icons
+        were added.
     classes : sequence of str, optional
-        COCO class names, fixing the ``points_per_class`` column order. Default: the sorted class names of
-        every ``add`` action seen in ``fit``.
+        COCO class names, fixing the column order of ``points_per_class`` and ``heatmaps_per_class``:
+        class ``classes[i]`` gets columns ``2i, 2i+1``. Pass the order of your label columns, e.g.
+        ``classes=mlb.classes_`` for a fitted :class:`~sklearn.preprocessing.MultiLabelBinarizer`, so that
+        label column ``i`` and its point line up. Required by the per-class kinds (the order cannot be
+        inferred from the records: fitting without it raises); when ``fit`` also gets a 2-D label
+        indicator ``y``, its width must equal ``len(classes)``.
     heatmap_shape : tuple of (H, W), default=(7, 7)
     heatmap_sigma : float, default=0.1
         Gaussian standard deviation, in normalised image units.
@@ -179,7 +198,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         The record format seen in ``fit``.
     kinds_ : tuple of str
     classes_ : ndarray of str
-        Class names of the ``points_per_class`` columns (COCO-AB; empty otherwise).
+        ``classes`` as an array (empty when not given).
     feature_slices_ : dict
         Kind to the ``slice`` of its columns in Z.
     n_features_out_ : int
@@ -207,6 +226,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         kind="point",
         *,
         per_class_position="add",
+        aggregate="last",
         classes=None,
         heatmap_shape=(7, 7),
         heatmap_sigma=0.1,
@@ -215,6 +235,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
     ):
         self.kind = kind
         self.per_class_position = per_class_position
+        self.aggregate = aggregate
         self.classes = classes
         self.heatmap_shape = heatmap_shape
         self.heatmap_sigma = heatmap_sigma
@@ -224,6 +245,7 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
     _parameter_constraints: dict = {
         "kind": [StrOptions(set(_KINDS)), list, tuple],
         "per_class_position": [StrOptions({"add", "final"})],
+        "aggregate": [StrOptions(set(_AGGREGATES))],
         "classes": ["array-like", None],
         "heatmap_shape": [tuple, list],
         "heatmap_sigma": [Interval(Real, 0, None, closed="neither")],
@@ -254,7 +276,10 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         ----------
         X : ByproductRecords or list of record or None
             Records, for example ``records.align(keys)``.
-        y : ignored
+        y : array-like of shape (n_samples, n_labels), optional
+            Not used for fitting; a 2-D label indicator is checked to have one column per class of
+            ``classes`` when a per-class kind is encoded (catching a class list that does not match the
+            labels).
 
         Returns
         -------
@@ -270,18 +295,33 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
             if len(set(classes)) != len(classes) or not classes:
                 raise ValueError(f"classes must be a non-empty list of distinct names; got {self.classes!r}.")
             self.classes_ = np.asarray(classes, dtype=object)
-        elif fmt == "coco_ab":
-            names = {n for rec in items if rec is not None for a, n in zip(rec.action_types, rec.icon_types)
-                     if a == "add" and n is not None}
-            self.classes_ = np.asarray(sorted(names), dtype=object)
         else:
             self.classes_ = np.asarray([], dtype=object)
-        if "points_per_class" in self.kinds_ and len(self.classes_) == 0:
-            raise ValueError("kind 'points_per_class' needs classes: none were found in X; pass classes=.")
+        per_class = [k for k in self.kinds_ if k in _PER_CLASS_KINDS]
+        if per_class and len(self.classes_) == 0:
+            names = sorted(
+                {n for rec in items if rec is not None for a, n in zip(rec.action_types, rec.icon_types)
+                 if a == "add" and n is not None}
+            )  # fmt: skip
+            seen = f" (the records name {names[:8]}{' ...' if len(names) > 8 else ''})" if names else ""
+            raise ValueError(
+                f"kind {per_class[0]!r} needs classes=: the class names in the order of your label columns "
+                "(for a MultiLabelBinarizer, classes=mlb.classes_), so that Z columns 2i, 2i+1 hold the "
+                f"point of label column i. The order cannot be inferred from the records{seen}."
+            )
+        if per_class and y is not None:
+            y_shape = np.shape(y)
+            if len(y_shape) == 2 and y_shape[1] != len(self.classes_):
+                raise ValueError(
+                    f"y has {y_shape[1]} label columns but classes has {len(self.classes_)} names: the "
+                    "per-class Z columns would not line up with the labels; pass the classes of y's columns."
+                )
+        n_cells = int(np.prod(self.heatmap_shape))
         widths = {
             "point": 2,
             "points_per_class": 2 * len(self.classes_),
-            "heatmap": int(np.prod(self.heatmap_shape)),
+            "heatmap": n_cells,
+            "heatmaps_per_class": len(self.classes_) * n_cells,
             "trace": 2 * self.trace_length,
             "timing": 4,
         }
@@ -320,6 +360,8 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
                 blocks.append(self._points_per_class(items))
             elif k == "heatmap":
                 blocks.append(self._heatmap(items))
+            elif k == "heatmaps_per_class":
+                blocks.append(self._heatmaps_per_class(items))
             elif k == "trace":
                 blocks.append(self._trace(items))
             else:
@@ -348,6 +390,9 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
             elif k == "heatmap":
                 h, w = self.heatmap_shape
                 names += [f"heatmap_{i}_{j}" for i in range(h) for j in range(w)]
+            elif k == "heatmaps_per_class":
+                h, w = self.heatmap_shape
+                names += [f"heatmap_{c}_{i}_{j}" for c in self.classes_ for i in range(h) for j in range(w)]
             elif k == "trace":
                 names += [f"trace_{t}_{a}" for t in range(self.trace_length) for a in "xy"]
             else:
@@ -364,9 +409,15 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
     # -- per-kind encoders -------------------------------------------------------------------------------
 
     def _class_points(self, rec):
-        """(K, 2) mean icon position per class of one COCO record, NaN for absent classes."""
+        """(K, 2) icon position per class of one COCO record (reduced by ``aggregate``), NaN if absent."""
         icons = icon_positions(rec, self.per_class_position)
-        return np.array([icons[c].mean(axis=0) if c in icons else (np.nan, np.nan) for c in self.classes_])
+        reduce = {"last": lambda p: p[-1], "first": lambda p: p[0], "mean": lambda p: p.mean(axis=0)}
+        pick = reduce[self.aggregate]
+        return np.array([pick(icons[c]) if c in icons else (np.nan, np.nan) for c in self.classes_])
+
+    def _mixture(self, points):
+        """Equal mixture of Gaussians at ``points`` (m, 2) on the heatmap grid, summing to 1."""
+        return points_to_heatmap(points, self.heatmap_shape, self.heatmap_sigma).mean(axis=0)
 
     def _points_per_class(self, items):
         out = np.full((len(items), 2 * len(self.classes_)), np.nan)
@@ -380,10 +431,27 @@ class ByproductEncoder(TransformerMixin, BaseEstimator):
         for i, rec in enumerate(items):
             if rec is None:
                 continue
-            pts = rec.point[None] if self.format_ == "imagenet_ab" else self._class_points(rec)
-            pts = pts[valid_unit_points(pts)]
-            if len(pts):
-                out[i] = points_to_heatmap(pts, self.heatmap_shape, self.heatmap_sigma).mean(axis=0)
+            if self.format_ == "imagenet_ab":
+                pts = rec.point[None]
+                if valid_unit_points(pts)[0]:
+                    out[i] = self._mixture(pts)
+                continue
+            icons = icon_positions(rec, self.per_class_position)  # only valid points
+            names = [c for c in (self.classes_ if len(self.classes_) else icons) if c in icons]
+            if names:
+                out[i] = np.mean([self._mixture(icons[c]) for c in names], axis=0)
+        return out
+
+    def _heatmaps_per_class(self, items):
+        cells = int(np.prod(self.heatmap_shape))
+        out = np.full((len(items), len(self.classes_) * cells), np.nan)
+        for i, rec in enumerate(items):
+            if rec is None:
+                continue
+            icons = icon_positions(rec, self.per_class_position)
+            for k, c in enumerate(self.classes_):
+                if c in icons:
+                    out[i, k * cells : (k + 1) * cells] = self._mixture(icons[c])
         return out
 
     def _trace(self, items):

@@ -10,7 +10,9 @@ which is skipped. The root element is ``<annotation>``. It may keep the original
 
 - ``selected``: the strings ``True``/``False``;
 - ``selectedRecord``: ``x``, ``y`` in ``[0, 1]`` of the displayed image and ``time`` (epoch ms) of the first
-  selecting click, or the literal ``None``;
+  selecting click, or the literal ``None``. Should a block hold several, the first one counts (as in the
+  reference loader, which reads ``block.find("selectedRecord")``; the same holds for ``selected`` and for
+  the ``x``/``y``/``time`` inside it); the others are ignored;
 - ``selectedCount``, ``hoveredCount``, ``estimateTime`` (ms hovered before selecting; may be 0);
 - ``mouseTracking``: repeated ``time``, ``x``, ``y`` (up to 60 Hz, stopping at the click), or ``None``/empty;
 - ``hoveredRecord``: repeated ``action`` (``enter``/``leave``) and ``time``, or ``None``;
@@ -124,22 +126,37 @@ def _time_ms(text, tag, problems):
 
 
 def _xy(element, tag, problems, domain):
-    """``(x, y, time)`` of an element with x/y/time children; a point with an impossible coordinate is NaN."""
+    """``(x, y, time)`` of an element with x/y/time children; a point with an impossible coordinate is NaN.
+
+    The first ``x``, ``y`` and ``time`` child count (``Element.find``, as in the reference loader); repeats
+    are ignored.
+    """
     x = y = t = math.nan
+    seen = set()
     for child in element:
+        if child.tag in seen:
+            continue
         if child.tag == "x":
             x = _number(child.text, f"{tag}/x", problems, domain)
         elif child.tag == "y":
             y = _number(child.text, f"{tag}/y", problems, domain)
         elif child.tag == "time":
             t = _time_ms(child.text, f"{tag}/time", problems)
+        seen.add(child.tag)
     if math.isnan(x) or math.isnan(y):
         x = y = math.nan  # half a point is no point
     return x, y, t
 
 
 def _parse_task(block, traces, problems):
+    """One ``<metadata>`` block as an ImageNetABTask.
+
+    ``selected`` and ``selectedRecord`` are taken from their *first* occurrence in the block, as the reference
+    loader's ``block.find(...)`` does; a repeated ``selectedRecord`` (or ``selected``) is ignored, not
+    parsed.
+    """
     task = ImageNetABTask()
+    first_seen = set()
     pairs = {}
     trace = []
     hover_actions = []
@@ -171,12 +188,16 @@ def _parse_task(block, traces, problems):
                         hover_actions.append(action)
                         hover_times.append(_time_ms(child.text, "hoveredRecord/time", problems))
                         action = None
+        elif tag in ("selected", "selectedRecord") and tag in first_seen:
+            continue  # the reference loader reads the first one only
         elif tag == "selected":
+            first_seen.add(tag)
             text = (el.text or "").strip()
             if text not in _TRUE:
                 raise ValueError(f"<selected> holds {text!r}, not True/False")
             task.selected = _TRUE[text]
         elif tag == "selectedRecord":
+            first_seen.add(tag)
             x, y, t = _xy(el, tag, problems, "unit")
             task.point = (x, y)
             task.selected_time = t

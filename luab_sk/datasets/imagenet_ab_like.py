@@ -379,11 +379,14 @@ def make_coco_ab_like(
     Returns
     -------
     Bunch
-        ``path``, ``image_ids`` (list of int), ``classes``, ``true_points`` (n, 2K) object points (the mean
-        over instances), ``add_points`` (n, 2K) the mean ``add`` position per class (NaN if none),
-        ``final_points`` (n, 2K) the mean icon position per class after all moves and removes, and
-        ``malformed`` (indices of the bad records, including the truncated one). Columns are
-        ``[x_0, y_0, x_1, y_1, ...]`` in ``classes`` order.
+        ``path``, ``image_ids`` (list of int), ``classes``, ``labels`` (n, K) the 0/1 ground-truth label
+        indicator (the classes of ``objects``; an added-then-removed wrong icon is not a label),
+        ``true_points`` (n, 2K) object points (the mean over instances), ``add_points`` (n, 2K) the mean
+        ``add`` position per class (NaN if none), ``last_add_points`` / ``first_add_points`` (n, 2K) the
+        last / first ``add`` position per class (the reference loader keeps the last), ``final_points``
+        (n, 2K) the mean icon position per class after all moves and removes, and ``malformed`` (indices of
+        the bad records, including the truncated one). Columns are ``[x_0, y_0, x_1, y_1, ...]`` (and
+        ``labels`` columns) in ``classes`` order.
 
     Examples
     --------
@@ -416,7 +419,10 @@ def make_coco_ab_like(
     if not 0 <= n_malformed <= len(images):
         raise ValueError(f"n_malformed must lie in [0, {len(images)}]; got {n_malformed!r}.")
     n, k = len(images), len(classes)
-    true_points, add_points, final_points = (np.full((n, 2 * k), np.nan) for _ in range(3))
+    true_points, add_points, final_points, last_add, first_add = (
+        np.full((n, 2 * k), np.nan) for _ in range(5)
+    )
+    labels = np.zeros((n, k), dtype=np.int64)
     records, malformed = [], []
     for i, (image_id, size, objects) in enumerate(images):
         record, adds, icons = _coco_record(
@@ -439,9 +445,12 @@ def make_coco_ab_like(
             continue
         for c, name in enumerate(classes):
             if name in objects:
+                labels[i, c] = 1
                 true_points[i, 2 * c : 2 * c + 2] = np.mean(np.reshape(objects[name], (-1, 2)), axis=0)
             if name in adds:
                 add_points[i, 2 * c : 2 * c + 2] = np.mean(adds[name], axis=0)
+                last_add[i, 2 * c : 2 * c + 2] = adds[name][-1]
+                first_add[i, 2 * c : 2 * c + 2] = adds[name][0]
             if icons.get(name):
                 final_points[i, 2 * c : 2 * c + 2] = np.mean(icons[name], axis=0)
     parts = [json.dumps(record) for record in records]
@@ -449,7 +458,8 @@ def make_coco_ab_like(
         parts[-1] = parts[-1][: len(parts[-1]) // 2]
         if n - 1 not in malformed:
             malformed.append(n - 1)
-            true_points[n - 1] = add_points[n - 1] = final_points[n - 1] = np.nan
+            for arr in (true_points, add_points, final_points, last_add, first_add):
+                arr[n - 1] = np.nan
     text = "[" + ", ".join(parts) + ("" if truncate else "]")
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -457,8 +467,11 @@ def make_coco_ab_like(
         path=os.fspath(path),
         image_ids=[int(image_id) for image_id, _, _ in images],
         classes=classes,
+        labels=labels,
         true_points=true_points,
         add_points=add_points,
+        last_add_points=last_add,
+        first_add_points=first_add,
         final_points=final_points,
         malformed=malformed,
     )

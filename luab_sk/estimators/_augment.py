@@ -4,7 +4,11 @@ Every random choice (crop box, flip, colour jitter) is drawn from a :class:`nump
 caller derives from ``(seed, epoch, sample index)``, so an epoch's augmentations do not depend on the
 DataLoader's worker processes or on how far an interrupted run had got. The click points travel through the
 same crop and flip as the pixels (:mod:`luab_sk.byproducts.geometry`); a point that leaves the crop becomes
-NaN, which masks it out of the loss for that step (the reference ImageNet-AB rule).
+NaN, which masks it out of the loss for that step (the reference ImageNet-AB rule). With per-class points
+and multi-label targets, :class:`ImageByproductDataset` can also drop the label of a class whose click the
+crop cut off (the reference COCO-AB rule).
+
+:func:`augmentation_recipe` names the augmentations of the estimators' ``recipe`` parameter.
 """
 
 from __future__ import annotations
@@ -20,9 +24,70 @@ from torchvision.transforms.functional import normalize, pil_to_tensor
 from ..byproducts.geometry import crop_points, hflip_points, sample_resized_crop_box
 from ..features.images import load_image
 
-__all__ = ["JointTransform", "ImageByproductDataset", "sample_generator"]
+__all__ = ["JointTransform", "ImageByproductDataset", "augmentation_recipe", "sample_generator"]
 
 _ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+_RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+RECIPES = ("default", "paper", "paper_imagenet", "paper_coco")
+
+
+def augmentation_recipe(recipe, *, multilabel=False, crop_scale=(0.25, 1.0), hflip=True, color_jitter=0.4):
+    """The training augmentation of a fine-tuning ``recipe``, as keyword arguments of :class:`JointTransform`.
+
+    Parameters
+    ----------
+    recipe : {"default", "paper", "paper_imagenet", "paper_coco"}
+        - ``"default"``: ``crop_scale``, ``hflip`` and ``color_jitter`` as given, ratio (3/4, 4/3),
+          bilinear resampling.
+        - ``"paper_imagenet"``: the reference ImageNet-AB loader (timm's random-resized crop): scale
+          (0.08, 1), ratio (3/4, 4/3), bicubic, flip with probability 1/2, no colour jitter.
+        - ``"paper_coco"``: the reference COCO-AB loader (torchvision): random-resized crop scale (0.08, 1),
+          ratio (3/4, 4/3), bilinear (torchvision's default), flip with probability 1/2, then
+          ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4) (no hue).
+        - ``"paper"``: ``"paper_coco"`` when the targets are multi-label, else ``"paper_imagenet"``.
+
+        The paper recipes ignore ``crop_scale``, ``hflip`` and ``color_jitter``.
+    multilabel : bool, default=False
+        Whether the targets are multi-label (decides ``"paper"``).
+    crop_scale, hflip, color_jitter
+        The estimator's own settings, used by ``"default"``.
+
+    Returns
+    -------
+    dict
+        ``name`` (the resolved recipe), ``crop_scale``, ``crop_ratio``, ``hflip``, ``color_jitter``,
+        ``interpolation``.
+
+    Examples
+    --------
+    >>> augmentation_recipe("paper", multilabel=True)["color_jitter"]
+    0.4
+    >>> augmentation_recipe("paper")["interpolation"]
+    'bicubic'
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}; got {recipe!r}.")
+    if recipe == "paper":
+        recipe = "paper_coco" if multilabel else "paper_imagenet"
+    if recipe == "default":
+        return {
+            "name": "default",
+            "crop_scale": None if crop_scale is None else tuple(crop_scale),
+            "crop_ratio": _RATIO,
+            "hflip": bool(hflip),
+            "color_jitter": float(color_jitter),
+            "interpolation": "bilinear",
+        }
+    coco = recipe == "paper_coco"
+    return {
+        "name": recipe,
+        "crop_scale": (0.08, 1.0),
+        "crop_ratio": _RATIO,
+        "hflip": True,
+        "color_jitter": 0.4 if coco else 0.0,
+        "interpolation": "bilinear" if coco else "bicubic",
+    }
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -57,6 +122,8 @@ class JointTransform:
     color_jitter : float, default=0.4
         Brightness, contrast and saturation factors drawn from ``[1 - j, 1 + j]``, applied in random order
         (0 disables).
+    interpolation : {"bilinear", "bicubic"}, default="bilinear"
+        Resampling of the (cropped) image to ``size``, in training and in evaluation.
 
     Examples
     --------
@@ -80,6 +147,7 @@ class JointTransform:
         crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         hflip: bool = True,
         color_jitter: float = 0.4,
+        interpolation: str = "bilinear",
     ) -> None:
         self.size = int(size)
         self.mean = tuple(float(m) for m in mean)
@@ -89,6 +157,9 @@ class JointTransform:
         self.crop_ratio = tuple(crop_ratio)
         self.hflip = bool(hflip)
         self.color_jitter = float(color_jitter)
+        if interpolation not in _RESAMPLING:
+            raise ValueError(f"interpolation must be one of {tuple(_RESAMPLING)}; got {interpolation!r}.")
+        self.interpolation = interpolation
 
     def __call__(
         self, image: Image.Image, points: np.ndarray, rng: np.random.Generator | None = None
@@ -118,7 +189,7 @@ class JointTransform:
             if has_points:
                 points = crop_points(points, box, image.size)
         pil_box = None if box is None else (box[0], box[1], box[0] + box[2], box[1] + box[3])
-        image = image.resize((self.size, self.size), Image.Resampling.BILINEAR, box=pil_box)
+        image = image.resize((self.size, self.size), _RESAMPLING[self.interpolation], box=pil_box)
         if self.train and self.hflip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             if has_points:
@@ -145,6 +216,13 @@ class ImageByproductDataset(Dataset):
     transform : JointTransform
     seed : int, default=0
         With :attr:`epoch` and the sample index, seeds the sample's augmentation.
+    label_clicks : ndarray of shape (n, 2 * K) or None, default=None
+        The reference COCO-AB label rule, for a multi-label indicator ``y`` of shape (n, K): per-class
+        clicks in [0, 1] (column ``k`` of ``y`` owns ``label_clicks[:, 2k:2k+2]``, NaN = no click; usually
+        Z itself). When a training crop cuts off the click of a class, that class's label is 0 for that
+        sample and step; a class without a click keeps its label. The clicks go through the same crop and
+        flip as the image and ``Z``, and are given separately from ``Z`` so that the rule does not depend on
+        whether Z is trained on. None (the default) keeps every label.
 
     Attributes
     ----------
@@ -161,9 +239,19 @@ class ImageByproductDataset(Dataset):
     ((3, 8, 8), 1, (0,))
     """
 
-    def __init__(self, items, y, Z, transform: JointTransform, seed: int = 0) -> None:
+    def __init__(self, items, y, Z, transform: JointTransform, seed: int = 0, *, label_clicks=None) -> None:
         self.items, self.y, self.Z, self.transform = items, y, Z, transform
         self.seed, self.epoch = int(seed), 0
+        if label_clicks is not None:
+            y_width = np.shape(y)[1] if np.ndim(y) == 2 else None
+            if y_width is None or np.shape(label_clicks) != (len(items), 2 * y_width):
+                raise ValueError(
+                    "label_clicks needs a multi-label indicator y of shape (n, K) and per-class clicks of "
+                    f"shape (n, 2K); got y of shape {np.shape(y)} and clicks of shape "
+                    f"{np.shape(label_clicks)}."
+                )
+            label_clicks = np.asarray(label_clicks, dtype=np.float32)
+        self.label_clicks = label_clicks
 
     def __len__(self) -> int:
         return len(self.items)
@@ -171,5 +259,16 @@ class ImageByproductDataset(Dataset):
     def __getitem__(self, index: int):
         rng = sample_generator(self.seed, self.epoch, index) if self.transform.train else None
         points = self.Z[index] if self.Z is not None else np.empty(0, np.float32)
-        image, points = self.transform(load_image(self.items[index]), points, rng)
-        return image, torch.as_tensor(self.y[index]), torch.from_numpy(points)
+        label = self.y[index]
+        if self.label_clicks is None or not self.transform.train:
+            image, points = self.transform(load_image(self.items[index]), points, rng)
+            return image, torch.as_tensor(label), torch.from_numpy(points)
+        clicks = self.label_clicks[index]
+        # One call: the clicks go through exactly the crop and flip of the image and of Z.
+        both = np.concatenate([np.asarray(points, np.float32), clicks])
+        image, both = self.transform(load_image(self.items[index]), both, rng)
+        points, moved = both[: len(points)], both[len(points) :]
+        lost = ~np.isnan(clicks[0::2]) & np.isnan(moved[0::2])  # clicked, then cut off by the crop
+        if lost.any():
+            label = np.where(lost, 0, label).astype(np.asarray(label).dtype, copy=False)
+        return image, torch.as_tensor(label), torch.from_numpy(np.ascontiguousarray(points))

@@ -29,7 +29,7 @@ from ..features.backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, load_back
 from ..features.cache import _atomic_write, _write_json
 from ..features.images import ImageLoadError, describe_item
 from ..nn import HeadOutput, build_head, label_loss, multitask_loss
-from ._augment import ImageByproductDataset, JointTransform
+from ._augment import RECIPES, ImageByproductDataset, JointTransform, augmentation_recipe
 from ._base import (
     LUABClassifierMixin,
     check_byproducts,
@@ -126,6 +126,27 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         Random horizontal flips.
     color_jitter : float, default=0.4
         Brightness, contrast and saturation jitter strength (0 disables).
+    recipe : {"default", "paper", "paper_imagenet", "paper_coco"}, default="default"
+        The training augmentation (see :func:`luab_sk.estimators._augment.augmentation_recipe`; the
+        resolved settings are in ``augmentation_``):
+
+        - ``"default"``: ``crop_scale``, ``hflip`` and ``color_jitter`` above, aspect ratio (3/4, 4/3),
+          bilinear resampling.
+        - ``"paper_imagenet"``: the reference ImageNet-AB loader: random-resized crop scale (0.08, 1),
+          ratio (3/4, 4/3), bicubic resampling (train and predict), horizontal flip p=1/2, no colour jitter.
+        - ``"paper_coco"``: the reference COCO-AB loader: random-resized crop scale (0.08, 1), ratio
+          (3/4, 4/3), bilinear resampling, horizontal flip p=1/2, colour jitter 0.4 (brightness, contrast,
+          saturation; no hue).
+        - ``"paper"``: ``"paper_coco"`` when y is multi-label, else ``"paper_imagenet"``.
+
+        The paper recipes override ``crop_scale``, ``hflip`` and ``color_jitter``; they change neither the
+        image size, the optimiser nor the schedule (the paper's training code was never released), nor
+        the label rule (see ``drop_label_outside_crop``). ``augment=False`` disables every recipe.
+    drop_label_outside_crop : bool, default=False
+        Multi-label y with per-class Z only (``Z[:, 2k:2k+2]`` is the click of label column ``k``): when a
+        training crop cuts off the click of a positive class, that label counts as 0 for that sample and
+        step, as in the reference COCO-AB loader (a class without a click keeps its label). False keeps
+        every label and only masks the cut-off point.
     early_stopping : bool, default=False
         Hold out ``validation_fraction`` of the data (stratified when possible), stop after
         ``n_iter_no_change`` epochs without a validation improvement of ``tol``, keep the best weights.
@@ -229,6 +250,8 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         crop_scale=(0.25, 1.0),
         hflip=True,
         color_jitter=0.4,
+        recipe="default",
+        drop_label_outside_crop=False,
         early_stopping=False,
         validation_fraction=0.1,
         n_iter_no_change=3,
@@ -267,6 +290,8 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.crop_scale = crop_scale
         self.hflip = hflip
         self.color_jitter = color_jitter
+        self.recipe = recipe
+        self.drop_label_outside_crop = drop_label_outside_crop
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
@@ -298,6 +323,8 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         "crop_scale": [tuple, list, None],
         "hflip": ["boolean"],
         "color_jitter": [Interval(Real, 0, None, closed="left")],
+        "recipe": [StrOptions(set(RECIPES))],
+        "drop_label_outside_crop": ["boolean"],
         "checkpoint_dir": [str, os.PathLike, None],
         "resume": ["boolean"],
         "num_workers": [Interval(Integral, 0, None, closed="left")],
@@ -317,7 +344,9 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         Z : array-like of shape (n_samples, 2) or (n_samples, 2 * n_classes), optional
             Click points (x, y) in [0, 1] of each image (one per sample, or one per class laid out
             ``[x_0, y_0, x_1, y_1, ...]``); NaN marks a missing point. Must be an array with one row per
-            sample so that cross-validation splits it with X.
+            sample so that cross-validation splits it with X. With multi-label y and one point per class,
+            ``Z[:, 2k:2k+2]`` belongs to label column ``k``, and the point of a class whose label is 0 is
+            ignored (as in the reference COCO-AB loader, where only ground-truth classes get a point).
 
         Returns
         -------
@@ -346,15 +375,23 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         Z = check_byproducts(Z, len(X))
         if Z is not None:
             check_click_points(Z, n_outputs)
+        if Z is not None and labels.task == "multilabel" and Z.shape[1] == 2 * labels.classes.size:
+            Z = np.where(np.repeat(labels.y, 2, axis=1) > 0, Z, np.nan).astype(Z.dtype)  # positives only
+        label_clicks = self._label_clicks(labels, Z)
         Z = drop_unusable_byproducts(Z, self.byproduct_weight)
         continuing = self.warm_start and hasattr(self, "model_")
         if continuing:
             check_warm_start(self, labels, Z, self.model_.head.kind)
         device = resolve_device(self.device)
-        checkpoint = self._read_checkpoint(X, labels, Z, continuing)
+        fingerprinted = Z if label_clicks is None else (Z, label_clicks)
+        checkpoint = self._read_checkpoint(X, labels, fingerprinted, continuing)
         seed = checkpoint["seed"] if checkpoint is not None else seed_from(self.random_state)
 
         self.classes_, self.task_ = labels.classes, labels.task
+        self.augmentation_ = augmentation_recipe(
+            self.recipe, multilabel=labels.task == "multilabel", crop_scale=self.crop_scale, hflip=self.hflip,
+            color_jitter=self.color_jitter,
+        )  # fmt: skip
         self.byproduct_target_ = byproduct_target
         self.n_byproducts_ = 0 if Z is None else Z.shape[1]
         with torch_seeded(seed, device):
@@ -367,7 +404,9 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             train_index, val_index = np.arange(len(labels.y)), None
             if self.early_stopping:
                 train_index, val_index = validation_split(labels, self.validation_fraction, seed)
-            train_loader = self._loader(X, labels.y, Z, train_index, seed, train=True)
+            train_loader = self._loader(
+                X, labels.y, Z, train_index, seed, train=True, label_clicks=label_clicks
+            )
             steps_per_epoch = len(train_loader)
             optimizer = self._optimizer(model)
             total = self.max_iter * steps_per_epoch
@@ -503,20 +542,30 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             ]
         return torch.optim.AdamW([g for g in param_groups if g["params"]])
 
-    def _loader(self, X, y, Z, index, seed, *, train):
-        items = _subset(X, index)
-        transform = JointTransform(
+    def _transform(self, *, train):
+        """The JointTransform of training (the ``recipe``'s augmentation) or of prediction."""
+        aug = self.__dict__.get("augmentation_") or augmentation_recipe(
+            "default", crop_scale=self.crop_scale, hflip=self.hflip, color_jitter=self.color_jitter
+        )  # fitted before ``recipe`` existed: the default recipe
+        return JointTransform(
             self.image_size_,
             self.data_mean_,
             self.data_std_,
             train=train and self.augment,
-            crop_scale=self.crop_scale,
-            hflip=self.hflip,
-            color_jitter=self.color_jitter,
+            crop_scale=aug["crop_scale"],
+            crop_ratio=aug["crop_ratio"],
+            hflip=aug["hflip"],
+            color_jitter=aug["color_jitter"],
+            interpolation=aug["interpolation"],
         )
+
+    def _loader(self, X, y, Z, index, seed, *, train, label_clicks=None):
+        items = _subset(X, index)
+        transform = self._transform(train=train)
         dataset = ImageByproductDataset(
-            items, y[index], None if Z is None else Z[index], transform, seed=seed
-        )
+            items, y[index], None if Z is None else Z[index], transform, seed=seed,
+            label_clicks=None if label_clicks is None else label_clicks[index],
+        )  # fmt: skip
         n, batch = len(index), int(self.batch_size)
         return DataLoader(
             dataset,
@@ -557,6 +606,25 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 f"crop_scale must be None or (min, max) with 0 < min <= max <= 1, got {self.crop_scale!r}."
             )
         return target if self.head == "attention" else "regression"
+
+    def _label_clicks(self, labels, Z):
+        """The per-class clicks of the ``drop_label_outside_crop`` rule (None when it is off or Z is None)."""
+        if not self.drop_label_outside_crop:
+            return None
+        if labels.task != "multilabel":
+            raise ValueError(
+                "drop_label_outside_crop=True needs multi-label y (a 0/1 indicator matrix, as in COCO); "
+                f"got a {labels.task} target."
+            )
+        if Z is None:
+            return None
+        if Z.shape[1] != 2 * labels.classes.size:
+            raise ValueError(
+                "drop_label_outside_crop=True needs one click per label column, Z of shape (n_samples, "
+                f"{2 * labels.classes.size}) with Z[:, 2k:2k+2] the click of column k; got {Z.shape[1]} "
+                "columns."
+            )
+        return Z
 
     # ---------------------------------------------------------- checkpoints
     def _fingerprint(self, X, labels, Z, continuing):
