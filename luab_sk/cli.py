@@ -304,9 +304,20 @@ def _study(args) -> int:
         raise CLIError(f"luab study needs the 'study' extra (pip install 'luab_sk[study]'): {err}") from err
 
     preset, stem = _study_plan(args)
+    data = args.data or args.features
+    if args.data and args.features:
+        raise CLIError("give --data (a CSV of images) or --features (an .npz of features), not both")
+    if data is not None:
+        if not Path(data).is_file():
+            raise CLIError(f"{'--data' if args.data else '--features'} {data!r} is not a file")
+        preset = {"seeds": preset["seeds"]}  # the scene sizes belong to the built-in benchmark
+        stem = f"luab_study_{Path(data).stem}"
+    elif args.backgrounds != "textures":
+        preset["backgrounds"] = args.backgrounds
+        stem = stem.replace("luab_study", f"luab_study_{args.backgrounds}", 1)
     folder = _output_dir(args.output_dir, output_names(stem), args.force)
     result = run_study(
-        **preset, cache_dir=args.cache_dir, output_dir=str(folder), output_name=stem, verbose=1
+        data=data, **preset, cache_dir=args.cache_dir, output_dir=str(folder), output_name=stem, verbose=1
     )
     print(f"wrote {', '.join(result.files)}")
     return 0
@@ -317,6 +328,8 @@ def _extract(args) -> int:
     from luab_sk.features.extractor import _shared_backbone
 
     out = _output_file(args.out, (".npz",), args.force)
+    if args.ray is not None:
+        _check_ray_args(args)
     files = _read_images(args.images)
     backbone = DEFAULT_BACKBONE if args.backbone is None else args.backbone
     pretrained = DEFAULT_PRETRAINED if args.pretrained is None else args.pretrained
@@ -342,7 +355,7 @@ def _extract(args) -> int:
     except (ValueError, OSError, RuntimeError, ImportError) as err:
         raise CLIError(f"--backbone {backbone!r} with --pretrained {str(pretrained)!r}: {err}") from err
     try:
-        features = fe.fit_transform(files)
+        features = fe.fit_transform(files) if args.ray is None else _extract_on_ray(fe, files, args)
     except ValueError as err:  # e.g. a --token-dim wider than the backbone's tokens
         raise CLIError(str(err)) from err
     failed = fe.failed_
@@ -366,6 +379,36 @@ def _extract(args) -> int:
         if len(failed) > _MAX_LISTED_FAILURES:
             print(f"  ... and {len(failed) - _MAX_LISTED_FAILURES} more", file=sys.stderr)
     return 0
+
+
+def _check_ray_args(args) -> None:
+    if args.cache_dir is None:
+        raise CLIError(
+            "--ray needs --cache-dir: the Ray workers write their shards there (a folder every node sees "
+            "under the same path)"
+        )
+    if args.ray and os.path.exists(args.ray):
+        raise CLIError(
+            f"--ray took {args.ray!r} as the cluster address, but it is a file or folder; "
+            "write --ray=ADDRESS, or put --ray after the images"
+        )
+
+
+def _extract_on_ray(fe, files, args):
+    try:
+        from luab_sk.distributed import extract_with_ray
+
+        return extract_with_ray(
+            files,
+            fe,
+            address=args.ray or None,
+            num_actors=args.ray_actors,
+            num_cpus_per_actor=args.ray_cpus_per_actor,
+            num_gpus_per_actor=args.ray_gpus_per_actor,
+            progress=True,
+        )
+    except (ImportError, ConnectionError) as err:
+        raise CLIError(str(err)) from err
 
 
 def _fit(args) -> int:
@@ -428,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
         "study",
         parents=[common, writes],
         help="the LUAB study on the spurious-correlation benchmark (the main job)",
-        description="The LUAB study on the spurious-correlation benchmark (the main job). It writes its "
+        description="The LUAB study on the spurious-correlation benchmark (the main job; --backgrounds "
+        "photos for real-photo backgrounds), or on your own images (--data data.csv) or features "
+        "(--features feats.npz). It writes its "
         f"table and plots to --output-dir (default ./{DEFAULT_STUDY_DIR}/), never to benchmarks/results/ "
         "(only benchmarks/luab_study.py writes there).",
     )
@@ -447,6 +492,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="number of model seeds (default: the preset's, luab_sk.study.PRESETS)",
     )
     p.add_argument("--quick", action="store_true", help="a small, fast configuration (smoke test)")
+    p.add_argument(
+        "--backgrounds",
+        choices=("textures", "photos"),
+        default="textures",
+        help="built-in benchmark: tinted textures (grass vs brick) or real photos (china.jpg, flower.jpg)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="your images: a CSV with columns path,label,split[,group,click_x,click_y,box_x0,box_y0,box_x1,"
+        "box_y1] (coordinates in [0, 1] of the image; paths relative to the CSV), see StudyData.from_csv",
+    )
+    p.add_argument(
+        "--features",
+        default=None,
+        help="precomputed features: an .npz with y, split, pooled and/or tokens (+ grid), optional group, Z, "
+        "boxes, class_names, see StudyData.from_npz",
+    )
     p.set_defaults(func=_study)
 
     p = sub.add_parser(
@@ -485,6 +548,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--batch-size", type=_int_at_least(1), default=32)
     p.add_argument("--num-workers", type=_int_at_least(0), default=0)
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="encode on Ray actors (needs the 'ray' extra and a --cache-dir every node sees under the same "
+        "path): ADDRESS as for ray.init ('auto', 'host:6379', 'ray://host:10001'); without it, "
+        "RAY_ADDRESS or a new local Ray. Write --ray=ADDRESS or put --ray after the images",
+    )
+    p.add_argument(
+        "--ray-actors",
+        type=_int_at_least(1),
+        default=None,
+        help="Ray actors (default: as many as the cluster's CPUs, or GPUs, allow)",
+    )
+    p.add_argument("--ray-cpus-per-actor", type=_nonnegative_float, default=1.0)
+    p.add_argument("--ray-gpus-per-actor", type=_nonnegative_float, default=0.0)
     p.set_defaults(func=_extract)
 
     p = sub.add_parser(
