@@ -31,6 +31,8 @@ import sys
 
 import numpy as np
 
+from .._grid import argmax_points, gaussian_heatmap, soft_argmax
+
 __all__ = [
     "center_crop_box",
     "crop_points",
@@ -396,21 +398,7 @@ def points_to_heatmap(points, grid_shape, sigma=0.1):
             f"points must have shape (..., 2) (one point per heatmap); got {tuple(pairs.shape[:-2])} + "
             f"({2 * pairs.shape[-2]},). Reshape per-class points to (n, K, 2)."
         )
-    torch = _torch_of(pairs)
-    xp = torch or np
-    kwargs = {"dtype": pairs.dtype, "device": pairs.device} if torch else {"dtype": pairs.dtype}
-    ys = (xp.arange(gh, **kwargs) + 0.5) / gh
-    xs = (xp.arange(gw, **kwargs) + 0.5) / gw
-    # pairs[..., 0, :] is (..., 2); build (..., H, W) squared distances by broadcasting.
-    px = pairs[..., 0, 0][..., None, None]
-    py = pairs[..., 0, 1][..., None, None]
-    logits = -((xs[None, :] - px) ** 2 + (ys[:, None] - py) ** 2) / (2.0 * sigma**2)
-    logits = logits.reshape(*logits.shape[:-2], gh * gw)
-    if torch is not None:
-        return torch.softmax(logits, dim=-1)  # NaN logits give an all-NaN row
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    weights = np.exp(logits)
-    return weights / weights.sum(axis=-1, keepdims=True)
+    return gaussian_heatmap(pairs, (gh, gw), sigma)[..., 0, :]  # the one implementation: luab_sk._grid
 
 
 def heatmap_to_points(heatmaps, grid_shape, method="argmax"):
@@ -448,19 +436,7 @@ def heatmap_to_points(heatmaps, grid_shape, method="argmax"):
             f"heatmaps must have a last axis of length H*W = {gh * gw} for grid_shape={tuple(grid_shape)}; "
             f"got shape {tuple(hm.shape)}."
         )
-    xp = torch if is_tensor else np
-    idx = torch.arange(gh * gw, device=hm.device) if is_tensor else np.arange(gh * gw)
-    cx = ((idx % gw) + 0.5) / gw
-    cy = ((idx // gw) + 0.5) / gh
-    if is_tensor:
-        cx, cy = cx.to(hm.dtype), cy.to(hm.dtype)
-    missing = xp.isnan(hm).any(-1)
+    # The one implementation of both readings: luab_sk._grid.
     if method == "argmax":
-        best = (hm.nan_to_num(float("-inf")) if is_tensor else np.nan_to_num(hm, nan=-np.inf)).argmax(-1)
-        out = xp.stack([cx[best], cy[best]], -1)
-    else:
-        total = hm.sum(-1)
-        out = xp.stack([(hm * cx).sum(-1) / total, (hm * cy).sum(-1) / total], -1)
-    if is_tensor:
-        return torch.where(missing[..., None], torch.full_like(out, float("nan")), out)
-    return np.where(missing[..., None], np.nan, out)
+        return argmax_points(hm, (gh, gw))
+    return soft_argmax(hm, (gh, gw), normalize=True)

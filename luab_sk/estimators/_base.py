@@ -1,12 +1,18 @@
-"""scikit-learn side helpers shared by the LUAB estimators.
+"""scikit-learn side helpers shared by the LUAB estimators, and their shared base.
 
-Byproduct (Z) validation, label encoding, NaN-aware standardisation, seeding, and a mixin that turns
-label scores into ``predict`` / ``predict_proba`` / ``decision_function`` for the three label tasks.
+Byproduct (Z) validation, label encoding, NaN-aware standardisation, seeding, and
+:class:`LUABClassifierMixin`, the base of :class:`~luab_sk.estimators.LUABClassifier` and
+:class:`~luab_sk.estimators.LUABFineTuner`: the fit preamble (labels, Z, warm-start checks), the resolution
+of ``byproduct_target`` from the head's :class:`~luab_sk.nn.HeadSpec`, ``predict`` / ``predict_proba`` /
+``decision_function`` for the three label tasks, ``predict_byproducts``, ``attention_maps``, and pickling
+(fitted modules travel on the CPU). Both estimators train through :mod:`luab_sk.nn.engine`, where
+``alpha``, ``tol`` and ``max_iter`` are defined once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -18,12 +24,15 @@ import torch
 from scipy.special import expit, softmax
 from sklearn.model_selection import train_test_split
 from sklearn.utils import check_random_state
-from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted
 
 from .._param_validation import Device, Integral, Interval, Real, StrOptions
+from .._utils import resolve_device
+from ..nn import HEADS, head_spec
 
 __all__ = [
+    "FitInputs",
     "LabelEncoding",
     "LUABClassifierMixin",
     "check_byproducts",
@@ -203,9 +212,7 @@ def check_click_points(Z: np.ndarray, n_outputs: int, *, name: str = "Z") -> Non
         )
     observed = Z[~np.isnan(Z)]
     if observed.size and (observed.min() < 0 or observed.max() > 1):
-        raise ValueError(
-            f"{name} must hold click points (x, y) in [0, 1] image coordinates (NaN = missing)."
-        )
+        raise ValueError(f"{name} must hold click points (x, y) in [0, 1] image coordinates (NaN = missing).")
 
 
 def check_warm_head(estimator, fitted_head: str) -> None:
@@ -262,7 +269,8 @@ def check_warm_start(
         )
     width = 0 if Z is None else Z.shape[1]
     fitted = estimator.n_byproducts_
-    if fitted_head == "attention":
+    spatial = head_spec(fitted_head).spatial  # maps: Z is optional, and one map or one per class
+    if spatial:
         allowed = (0, fitted) if fitted > 2 else (0, 2)
     else:
         allowed = (fitted,)
@@ -273,7 +281,7 @@ def check_warm_start(
             f"warm_start=True: the model fitted before learned {fitted} byproduct columns, but this fit "
             f"has no usable {name} ({name}=None, entirely missing, or byproduct_weight=0)."
         )
-    if fitted == 0 and fitted_head != "attention":
+    if fitted == 0 and not spatial:
         raise ValueError(
             f"warm_start=True: the model fitted before was trained without byproducts and has no byproduct "
             f"head, but {name} has {width} columns; set warm_start=False to train one."
@@ -413,18 +421,44 @@ def torch_seeded(seed: int, device: torch.device | None = None) -> Iterator[None
         yield
 
 
-class LUABClassifierMixin:
-    """Turn label scores into predictions for binary, multi-class and multi-label tasks.
+class FitInputs(NamedTuple):
+    """What :meth:`LUABClassifierMixin._fit_preamble` returns: the encoded ``labels``, ``n_outputs`` (label
+    scores of the model: 1 for a binary task), the usable ``Z`` (None when it cannot contribute), the
+    training ``device`` and whether the fit continues a fitted model (``warm``)."""
 
-    Subclasses set ``classes_`` and ``task_`` in ``fit`` (from :func:`encode_labels`) and implement
-    ``_label_scores(X) -> ndarray of shape (n_samples, n_outputs)`` (one column for a binary task).
-    ``_parameter_constraints`` holds the constraints of the parameters both LUAB estimators share; each
-    extends it with its own.
+    labels: LabelEncoding
+    n_outputs: int
+    Z: np.ndarray | None
+    device: torch.device
+    warm: bool
+
+
+class LUABClassifierMixin:
+    """The shared base of the LUAB estimators (a multitask head, possibly under a backbone).
+
+    It owns what both estimators do alike: the fit preamble (:meth:`_fit_preamble`), the resolution of
+    ``byproduct_target`` from the head's :class:`~luab_sk.nn.HeadSpec` (heads are asked what they can do,
+    never compared by name), ``predict`` / ``predict_proba`` / ``decision_function`` for binary,
+    multi-class and multi-label tasks, :meth:`predict_byproducts`, :meth:`attention_maps` and pickling.
+
+    Subclasses set ``classes_``, ``task_``, ``n_byproducts_`` (and ``grid_shape_`` for spatial heads) in
+    ``fit``, store the trained module in the attribute named by ``_module_attr``, and implement
+    ``_outputs(X)`` (yields one :class:`~luab_sk.nn.HeadOutput` per chunk of X) and
+    ``_label_scores(X) -> ndarray of shape (n_samples, n_outputs)``. ``_parameter_constraints`` holds the
+    constraints of the parameters both LUAB estimators share; each extends it with its own. Training goes
+    through :mod:`luab_sk.nn.engine`, whose docstring defines ``alpha``, ``tol`` and ``max_iter``.
     """
+
+    #: Attribute holding the fitted torch module.
+    _module_attr = "module_"
+    #: Pickle the module's weights only (rebuilt by ``_rebuild_module(state_dict)``), not the module object.
+    _pickle_weights_only = False
+    #: Names the pooled heads' byproduct target goes by in ``byproduct_target`` (all mean "regression").
+    _pooled_target_names: tuple[str, ...] = ("regression",)
 
     __metadata_request__fit = {"Z": True}
     _parameter_constraints: dict = {
-        "head": [StrOptions({"linear", "mlp", "attention"})],
+        "head": [StrOptions(set(HEADS))],
         "hidden_size": [Interval(Integral, 1, None, closed="left")],
         "n_heads": [Interval(Integral, 1, None, closed="left")],
         "byproduct_weight": [Interval(Real, 0, None, closed="left")],
@@ -497,6 +531,130 @@ class LUABClassifierMixin:
         if self.task_ == "binary":
             return self.classes_[(scores[:, 0] > 0).astype(np.int64)]
         return self.classes_[scores.argmax(axis=1)]
+
+    # ----------------------------------------------------------------- shared fit
+    def _head_spec(self):
+        """The :class:`~luab_sk.nn.HeadSpec` of the fitted head (of ``head`` before any fit)."""
+        module = getattr(self, self._module_attr, None)
+        kind = getattr(getattr(module, "head", module), "kind", None) if module is not None else None
+        return head_spec(kind if kind is not None else self.head)
+
+    def _resolve_byproduct_target(self) -> str:
+        """The loss target of :func:`~luab_sk.nn.multitask_loss` for ``byproduct_target`` and ``head``.
+
+        Spatial heads take their spec's targets (the first is ``"auto"``); pooled heads take the estimator's
+        names for regression (``_pooled_target_names``). Raises ValueError on a target the head lacks.
+        """
+        spec = head_spec(self.head)
+        allowed = spec.targets if spec.spatial else self._pooled_target_names
+        target = allowed[0] if self.byproduct_target == "auto" else self.byproduct_target
+        if target not in allowed:
+            raise ValueError(
+                f"byproduct_target={self.byproduct_target!r} does not fit head={self.head!r}; "
+                f"use one of {('auto',) + tuple(allowed)}."
+            )
+        return target if spec.spatial else "regression"
+
+    def _fit_preamble(self, y, Z, n_samples: int, *, click_points: bool, warm: bool) -> FitInputs:
+        """Encode y, validate Z (and drop it when unusable), check a warm start, pick the device.
+
+        Parameters
+        ----------
+        y : array-like
+            The targets.
+        Z : array-like or None
+            The byproducts.
+        n_samples : int
+            Samples of X.
+        click_points : bool
+            Z must hold click points in [0, 1] (:func:`check_click_points`).
+        warm : bool
+            The fit continues the fitted module (:func:`check_warm_start`).
+        """
+        check_classification_targets(y)
+        labels = encode_labels(y)
+        n_outputs = 1 if labels.task == "binary" else labels.classes.size
+        Z = check_byproducts(Z, n_samples)
+        if Z is not None and click_points:
+            check_click_points(Z, n_outputs)
+        Z = drop_unusable_byproducts(Z, self.byproduct_weight)
+        if warm:
+            check_warm_start(self, labels, Z, self._head_spec().name)
+        return FitInputs(labels, n_outputs, Z, resolve_device(self.device), warm)
+
+    # ------------------------------------------------------------- shared predict
+    def _byproducts_in_z_units(self, Z: np.ndarray) -> np.ndarray:
+        """Undo any scaling of Z applied in ``fit`` (identity unless a subclass standardises Z)."""
+        return Z
+
+    def predict_byproducts(self, X):
+        """Predict the byproducts from X alone, in Z's units.
+
+        Parameters
+        ----------
+        X : array-like
+            Samples, as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_byproducts)
+            Pooled heads: the byproduct head's regression. Spatial heads (attention): the soft-argmax
+            ``[x_0, y_0, ...]`` of every attention map, in [0, 1] image coordinates.
+        """
+        check_is_fitted(self)
+        if not self._head_spec().spatial and self.n_byproducts_ == 0:
+            raise ValueError(
+                f"this {type(self).__name__} was fitted without byproducts (Z=None, all missing, or "
+                "byproduct_weight=0), so it has no byproduct head."
+            )
+        Z = np.concatenate([out.byproducts.float().cpu().numpy() for out in self._outputs(X)])
+        return self._byproducts_in_z_units(Z)
+
+    def attention_maps(self, X):
+        """Attention maps of a spatial head over its token grid.
+
+        Parameters
+        ----------
+        X : array-like
+            Samples, as in ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, grid_h, grid_w), or (n_samples, n_classes, grid_h, grid_w) with
+        per-class maps. Every map sums to 1.
+        """
+        check_is_fitted(self)
+        if not self._head_spec().spatial:
+            raise ValueError(f"attention_maps needs head='attention'; this model has head={self.head!r}.")
+        maps = np.concatenate([out.attention.float().cpu().numpy() for out in self._outputs(X)])
+        maps = maps.reshape(maps.shape[0], maps.shape[1], *self.grid_shape_)
+        return maps[:, 0] if maps.shape[1] == 1 else maps
+
+    # ------------------------------------------------------------------- pickling
+    def __getstate__(self):
+        state = dict(super().__getstate__())  # a copy: Python 3.11 hands out the live __dict__
+        module = state.pop(self._module_attr, None)
+        if module is not None:  # pickles load on machines without the training device
+            if self._pickle_weights_only:
+                state["_model_state"] = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+            else:
+                state[self._module_attr] = copy.deepcopy(module).cpu()
+        return state
+
+    def __setstate__(self, state):
+        model_state = state.pop("_model_state", None)
+        super().__setstate__(state)
+        if model_state is not None:
+            module = self._rebuild_module(model_state)
+            module.load_state_dict(model_state)
+            setattr(self, self._module_attr, module.eval())
+
+    def _rebuild_module(self, model_state):
+        """The fitted module's architecture, for weights pickled with ``_pickle_weights_only``."""
+        raise NotImplementedError
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, self._module_attr)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 
 import numpy as np
@@ -12,39 +11,36 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 
+from .._grid import infer_grid
 from .._param_validation import Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
 from ..nn import (
+    HEADS,
+    Timer,
     build_head,
     feature_moments,
+    head_spec,
     label_loss,
     multitask_loss,
     prior_label_loss,
     reduced_rank_init_,
+    train_module,
     whitened,
 )
 from ._base import (
     LUABClassifierMixin,
-    check_byproducts,
-    check_click_points,
     check_warm_head,
-    check_warm_start,
-    drop_unusable_byproducts,
-    encode_labels,
     nan_standardization,
     seed_from,
     validation_split,
 )
-from ._training import train_module
 
 __all__ = ["LUABClassifier"]
 
-HEADS = ("linear", "mlp", "attention")
-POOLED_TARGETS = ("regression",)
-ATTENTION_TARGETS = ("heatmap", "point")
+# Every byproduct_target some head supports (each head's HeadSpec says which ones it takes).
+BYPRODUCT_TARGETS = tuple(dict.fromkeys(t for spec in HEADS.values() for t in spec.targets))
 # solver="auto" uses full-batch L-BFGS up to this many input elements (samples x width), AdamW above.
 _LBFGS_MAX_ELEMENTS = 100_000_000
 # Token rows used to fit the width-reducing PCA of the attention head.
@@ -103,7 +99,8 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         Attention head: reduce the token width once with a PCA (whitened when ``standardize``) fitted on
         the training tokens, keeping fits fast; None keeps the full width.
     alpha : float, default=1e-4
-        L2 penalty: ``alpha / 2`` times the squared norm of every weight matrix, added to the mean loss.
+        L2 penalty: ``alpha / 2`` times the squared norm of every weight matrix, added to the mean loss (the
+        one meaning in luab_sk, defined in :mod:`luab_sk.nn.engine`).
     solver : {"auto", "lbfgs", "adamw"}, default="auto"
         ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` (strong Wolfe line search), for small and
         medium problems. ``"adamw"``: mini-batch AdamW. ``"auto"``: L-BFGS up to 1e8 input elements.
@@ -111,16 +108,14 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         (:func:`~luab_sk.nn.reduced_rank_init_`, deterministic), and L-BFGS optimises its trunk in
         whitened coordinates (:func:`~luab_sk.nn.whitened`; same objective, better conditioned).
     max_iter : int, default=200
-        Maximum L-BFGS iterations or AdamW epochs.
+        Maximum L-BFGS iterations or AdamW epochs (see :mod:`luab_sk.nn.engine`).
     tol : float, default=1e-4
-        Stopping tolerance. L-BFGS uses scikit-learn's criterion for ``LogisticRegression(solver="lbfgs")``
-        (SciPy's ``gtol``): it stops after the first iteration at which the largest absolute entry of the
-        gradient of the training objective (mean loss plus the L2 term, including the byproduct loss) with
-        respect to the optimised parameters (the linear head's trunk in whitened coordinates, see ``solver``)
-        is at most ``tol``; as a safety net it also stops after 3 consecutive iterations that each lower the
-        objective by only a few machine epsilons (relative). AdamW stops when the epoch loss has not improved
-        by ``tol`` for ``n_iter_no_change`` epochs; with ``early_stopping``, a validation score must improve
-        by ``tol`` to reset the patience. See :func:`~luab_sk.estimators._training.train_module`.
+        Stopping tolerance, as defined once in :mod:`luab_sk.nn.engine`: L-BFGS stops when the largest
+        absolute gradient entry of the training objective (mean loss plus the L2 term, including the byproduct
+        loss) with respect to the optimised parameters (the linear head's trunk in whitened coordinates, see
+        ``solver``) is at most ``tol`` (scikit-learn's ``gtol``), with a stall guard; AdamW stops when the
+        epoch loss has not fallen by ``tol`` for ``n_iter_no_change`` epochs, and with ``early_stopping`` a
+        validation score must improve by more than ``tol`` to reset the patience.
     batch_size : int, default=256
         AdamW mini-batch size.
     learning_rate : float, default=1e-3
@@ -160,6 +155,8 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         The trained head (a :class:`~luab_sk.nn.PooledHead` or :class:`~luab_sk.nn.AttentionHead`).
     n_iter_ : int
         Iterations (L-BFGS) or epochs (AdamW) run.
+    epoch_times_, epoch_cpu_times_ : list of float
+        Wall-clock and CPU seconds of every iteration/epoch (the engine's :class:`~luab_sk.nn.Timer` hook).
     loss_curve_ : list of float
         Training objective per iteration/epoch.
     validation_scores_ : list of float
@@ -248,7 +245,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     _parameter_constraints: dict = {
         **LUABClassifierMixin._parameter_constraints,
         "n_layers": [Interval(Integral, 1, None, closed="left")],
-        "byproduct_target": [StrOptions({"auto", *POOLED_TARGETS, *ATTENTION_TARGETS})],
+        "byproduct_target": [StrOptions({"auto", *BYPRODUCT_TARGETS})],
         "grid_shape": [tuple, list, None],
         "glimpse": [Interval(Real, 0, None, closed="neither"), None],
         "n_components": [Interval(Integral, 1, None, closed="left"), None],
@@ -282,12 +279,12 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
         Raises
         ------
-        luab_sk.estimators._training.NonFiniteObjectiveError
+        luab_sk.nn.NonFiniteObjectiveError
             When the training objective becomes NaN or infinite; the estimator is then left unfitted (or,
             with ``warm_start``, as the previous fit left it).
         """
-        byproduct_target = self._byproduct_target()
-        attention = self.head == "attention"
+        byproduct_target = self._resolve_byproduct_target()
+        spatial = head_spec(self.head).spatial
         warm = self.warm_start and hasattr(self, "module_")
         if warm:
             check_warm_head(self, self.module_.kind)
@@ -296,27 +293,21 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             X,
             y,
             reset=not warm,
-            allow_nd=attention,
+            allow_nd=spatial,
             dtype=np.float32,
             multi_output=True,
             ensure_min_samples=2,
         )
         self._check_x_rank(X)
-        check_classification_targets(y)
-        labels = encode_labels(y)
-        n_outputs = 1 if labels.task == "binary" else labels.classes.size
+        labels, n_outputs, Z, device, _ = self._fit_preamble(
+            y, Z, X.shape[0], click_points=spatial, warm=warm
+        )
         sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float32, ensure_non_negative=True)
-        Z = check_byproducts(Z, X.shape[0])
-        if Z is not None and attention:
-            check_click_points(Z, n_outputs)
-        Z = drop_unusable_byproducts(Z, self.byproduct_weight)
         if Z is not None and self.impute_byproducts == "knn":
             _check_impute_neighbors(Z, self.n_impute_neighbors)
         seed = seed_from(self.random_state)
-        device = resolve_device(self.device)
 
         if warm:
-            check_warm_start(self, labels, Z, self.module_.kind)
             X = self._transform_input(self._check_tokens(X))
         else:
             # A fresh fit forgets the previous model first: should it fail, the estimator is unfitted.
@@ -328,7 +319,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             Z = self._impute(X, Z)
         if not warm:
             self.n_byproducts_ = 0 if Z is None else Z.shape[1]
-            if Z is not None and not attention and self.standardize:
+            if Z is not None and not spatial and self.standardize:
                 self.z_mean_, self.z_scale_ = (a.astype(np.float32) for a in nan_standardization(Z))
             else:
                 self.z_mean_ = self.z_scale_ = None
@@ -357,25 +348,9 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             validation = ([x_all[val_index], y_all[val_index], w_all[val_index]], self._validation_score)
             data = [None if t is None else t[train_index] for t in data]
         solver = self._resolve_solver(X)
-        precondition = contextlib.nullcontext()
-        if self.head == "linear" and (not warm or solver == "lbfgs"):
-            x_fit, y_fit, z_fit, w_fit = data
-            moments = feature_moments(x_fit, w_fit)
-            if not warm:
-                reduced_rank_init_(
-                    module,
-                    x_fit,
-                    y_fit,
-                    z_fit,
-                    task=self.task_,
-                    byproduct_weight=float(self.byproduct_weight),
-                    alpha=float(self.alpha),
-                    sample_weight=w_fit,
-                    moments=moments,
-                )
-            if solver == "lbfgs":
-                precondition = whitened(module.trunk, moments, float(self.alpha))
+        precondition = self._closed_form_start(module, data, solver=solver, warm=warm)
         generator = torch.Generator().manual_seed(seed)
+        timer = Timer(device)
         with precondition:
             result = train_module(
                 module,
@@ -391,11 +366,13 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 validation=validation,
                 generator=generator,
                 verbose=self.verbose,
+                callbacks=[timer],
             )
         self.module_ = module
         self.n_iter_ = result.n_iter
         self.loss_curve_ = result.loss_curve
         self.validation_scores_ = result.validation_scores
+        self.epoch_times_, self.epoch_cpu_times_ = timer.wall, timer.cpu
         if not result.converged:
             warnings.warn(
                 f"LUABClassifier ({solver}) did not converge in max_iter={self.max_iter} iterations; "
@@ -406,21 +383,49 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self._warn_if_worse_than_prior(data, n_outputs, solver)
         return self
 
+    def _closed_form_start(self, module, data, *, solver, warm):
+        """The hook for heads with a closed-form start (``HeadSpec.closed_form_init``: the linear head).
+
+        Fit the head in closed form on the training data and load the weights into ``module`` (a fresh
+        fit only; a warm start continues from the fitted weights), then return the context that L-BFGS
+        trains in (the whitening preconditioner of :func:`~luab_sk.nn.whitened`; same objective). Other
+        heads: no start, a null context.
+        """
+        if not head_spec(self.head).closed_form_init or (warm and solver != "lbfgs"):
+            return contextlib.nullcontext()
+        x_fit, y_fit, z_fit, w_fit = data
+        moments = feature_moments(x_fit, w_fit)
+        if not warm:
+            reduced_rank_init_(
+                module,
+                x_fit,
+                y_fit,
+                z_fit,
+                task=self.task_,
+                byproduct_weight=float(self.byproduct_weight),
+                alpha=float(self.alpha),
+                sample_weight=w_fit,
+                moments=moments,
+            )
+        if solver == "lbfgs":
+            return whitened(module.trunk, moments, float(self.alpha))
+        return contextlib.nullcontext()
+
     def _build(self, width, n_outputs, seed, device):
-        attention = self.head == "attention"
+        spec = head_spec(self.head)
         hidden_size = self.hidden_size
-        if self.head == "linear":  # a larger rank represents no other map and has the same optimum
+        if spec.rank_bottleneck:  # a larger rank represents no other map and has the same optimum
             hidden_size = min(hidden_size, width, n_outputs + self.n_byproducts_)
         return build_head(
             self.head,
             width,
             n_outputs,
-            0 if attention else self.n_byproducts_,
+            0 if spec.spatial else self.n_byproducts_,
             hidden_size=hidden_size,
             n_layers=self.n_layers,
-            grid_shape=self.grid_shape_ if attention else None,
+            grid_shape=self.grid_shape_ if spec.spatial else None,
             n_heads=self.n_heads,
-            per_class_maps=attention and self.n_byproducts_ > 2,
+            per_class_maps=spec.spatial and self.n_byproducts_ > 2,
             glimpse=self.glimpse,
             generator=torch.Generator().manual_seed(seed),  # local: the same weights in any thread
         ).to(device)
@@ -461,25 +466,14 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     def _validation_score(self, module, x, y, w):
         return -float(label_loss(module(x).logits, y, self.task_, sample_weight=w))
 
-    def _byproduct_target(self):
-        """The resolved ``byproduct_target`` (a cross-parameter check the constraints cannot express)."""
-        targets = ATTENTION_TARGETS if self.head == "attention" else POOLED_TARGETS
-        target = targets[0] if self.byproduct_target == "auto" else self.byproduct_target
-        if target not in targets:
-            raise ValueError(
-                f"byproduct_target={target!r} does not fit head={self.head!r}; "
-                f"use one of {('auto',) + targets}."
-            )
-        return target
-
     def _check_x_rank(self, X):
-        if self.head == "attention" and X.ndim != 3:
+        if head_spec(self.head).spatial and X.ndim != 3:
             raise ValueError(
                 f"head='attention' needs X of tokens with shape (n_samples, L, C), got shape {X.shape}."
             )
 
     def _check_tokens(self, X):
-        if self.head == "attention" and X.shape[1:] != self.token_shape_:
+        if self._head_spec().spatial and X.shape[1:] != self.token_shape_:
             raise ValueError(
                 f"X has tokens of shape {X.shape[1:]}, but LUABClassifier was fitted on {self.token_shape_}."
             )
@@ -487,14 +481,14 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
 
     def _fit_input_transform(self, X, seed):
         """Learn and apply the input scaling (and, for tokens, the grid and PCA)."""
-        if self.head != "attention":
+        if not head_spec(self.head).spatial:
             self.token_pca_ = None
             if self.standardize:
                 self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in nan_standardization(X))
             return self._transform_input(X)
         n, n_tokens, width = X.shape
         self.token_shape_ = (n_tokens, width)
-        self.grid_shape_ = _grid(self.grid_shape, n_tokens)
+        self.grid_shape_ = infer_grid(n_tokens, self.grid_shape)
         rows = X.reshape(-1, width)
         self.token_pca_ = None
         if self.n_components is not None and self.n_components < width:
@@ -511,15 +505,12 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         return self._transform_input(X)
 
     def _transform_input(self, X):
-        if self.head == "attention" and self.token_pca_ is not None:
+        if self._head_spec().spatial and self.token_pca_ is not None:
             n, n_tokens, width = X.shape
             return self.token_pca_.transform(X.reshape(-1, width)).astype(np.float32).reshape(n, n_tokens, -1)
         if self.standardize:
             return ((X - self.x_mean_) / self.x_scale_).astype(np.float32)
         return X
-
-    def __sklearn_is_fitted__(self):
-        return hasattr(self, "module_")
 
     def _impute(self, X, Z):
         from .knn import KNNByproductImputer  # a sibling estimator, imported only when asked for
@@ -537,7 +528,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     def _outputs(self, X):
         """Validate X, transform it, and run the head in chunks; yields HeadOutput per chunk."""
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, allow_nd=self.head == "attention", dtype=np.float32)
+        X = validate_data(self, X, reset=False, allow_nd=self._head_spec().spatial, dtype=np.float32)
         self._check_x_rank(X)
         X = self._transform_input(self._check_tokens(X))
         device = resolve_device(self.device)
@@ -549,60 +540,15 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     def _label_scores(self, X):
         return np.concatenate([out.logits.float().cpu().numpy() for out in self._outputs(X)])
 
-    def predict_byproducts(self, X):
-        """Predict the byproducts from X alone, in Z's units.
-
-        Parameters
-        ----------
-        X : array-like
-            Samples, as in ``fit``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_byproducts)
-            Pooled heads: the byproduct head's regression. Attention head: the soft-argmax (x, y) of every
-            attention map, in [0, 1].
-        """
-        check_is_fitted(self)
-        if self.head != "attention" and self.n_byproducts_ == 0:
-            raise ValueError(
-                "this LUABClassifier was fitted without byproducts (Z=None, all missing, or "
-                "byproduct_weight=0), so it has no byproduct head."
-            )
-        Z = np.concatenate([out.byproducts.float().cpu().numpy() for out in self._outputs(X)])
+    def _byproducts_in_z_units(self, Z):
+        """Pooled heads regress standardised Z: back to Z's units (``predict_byproducts``, in the base)."""
         if self.z_scale_ is not None:
             Z = Z * self.z_scale_ + self.z_mean_
         return Z
 
-    def attention_maps(self, X):
-        """Attention maps of the attention head.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, L, C)
-
-        Returns
-        -------
-        ndarray of shape (n_samples, grid_h, grid_w), or (n_samples, n_classes, grid_h, grid_w) with
-        per-class maps. Every map sums to 1.
-        """
-        check_is_fitted(self)
-        if self.head != "attention":
-            raise ValueError(f"attention_maps needs head='attention'; this model has head={self.head!r}.")
-        maps = np.concatenate([out.attention.float().cpu().numpy() for out in self._outputs(X)])
-        maps = maps.reshape(maps.shape[0], maps.shape[1], *self.grid_shape_)
-        return maps[:, 0] if maps.shape[1] == 1 else maps
-
-    # ---------------------------------------------------------------- state
-    def __getstate__(self):
-        state = dict(super().__getstate__())  # a copy: Python 3.11 hands out the live __dict__
-        if "module_" in state:  # pickles load on machines without the training device
-            state["module_"] = copy.deepcopy(state["module_"]).cpu()
-        return state
-
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
-        tags.input_tags.three_d_array = self.head == "attention"
+        tags.input_tags.three_d_array = head_spec(self.head).spatial
         return tags
 
 
@@ -617,15 +563,3 @@ def _check_impute_neighbors(Z: np.ndarray, n_neighbors: int) -> None:
             f"impute_byproducts='knn' needs n_impute_neighbors <= the number of annotated rows of Z; got "
             f"n_impute_neighbors={n_neighbors} with {n_annotated} annotated rows of {Z.shape[0]}."
         )
-
-
-def _grid(grid_shape, n_tokens: int) -> tuple[int, int]:
-    if grid_shape is None:
-        side = math.isqrt(n_tokens)
-        if side * side != n_tokens:
-            raise ValueError(f"cannot infer a square grid from {n_tokens} tokens; pass grid_shape=(h, w).")
-        return side, side
-    grid = tuple(int(s) for s in grid_shape)
-    if len(grid) != 2 or grid[0] * grid[1] != n_tokens:
-        raise ValueError(f"grid_shape={grid_shape!r} does not match the {n_tokens} tokens of X.")
-    return grid

@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .._param_validation import Device, HasMethods, Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
-from ._training import check_finite_objective
+from ..nn.engine import Trainer
 
 __all__ = ["GeneralizedDistillationClassifier"]
 
@@ -31,10 +31,11 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
     (3) fit a multinomial logistic student ``f_s`` on X by minimising
 
     ``mean_i [(1 - lambda_i) CE(y_i, softmax(f_s(x_i))) + lambda_i CE(s_i, softmax(f_s(x_i)))]
-    + alpha * ||W||^2``
+    + alpha / 2 * ||W||^2``
 
     with ``lambda_i = imitation`` where Z is observed and 0 where it is missing (those samples only see their
-    hard label). The student is fitted full-batch with :class:`torch.optim.LBFGS` on standardised X.
+    hard label). The student is fitted full-batch by the L-BFGS of the training engine
+    (:meth:`luab_sk.nn.Trainer.fit_full_batch`) on standardised X, in float64.
 
     Parameters
     ----------
@@ -46,12 +47,16 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
         Softmax temperature T applied to the teacher's log-probabilities.
     imitation : float in [0, 1], default=0.5
         Imitation parameter lambda: weight of the teacher's soft labels against the hard labels.
-    alpha : float >= 0, default=1e-3
-        L2 penalty on the student's weights (on standardised features).
+    alpha : float >= 0, default=2e-3
+        L2 penalty ``alpha / 2 * ||W||^2`` on the student's weights (on standardised features; the bias is
+        not penalised): the one meaning of ``alpha`` in luab_sk (:mod:`luab_sk.nn.engine`). Before the
+        training engine this estimator penalised ``alpha * ||W||^2`` with a default of 1e-3: the same
+        objective as the new default.
     max_iter : int, default=200
-        Maximum LBFGS iterations of the student.
+        Maximum L-BFGS iterations of the student (:mod:`luab_sk.nn.engine`).
     tol : float, default=1e-7
-        LBFGS tolerance on gradient and parameter changes.
+        L-BFGS stops once the largest absolute entry of the objective's gradient is at most ``tol``
+        (scikit-learn's ``gtol``; see :mod:`luab_sk.nn.engine`).
     device : str, default="auto"
         Torch device of the student fit (see :func:`luab_sk._utils.resolve_device`).
 
@@ -66,7 +71,7 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
     intercept_ : ndarray of shape (n_classes,)
         Student biases.
     n_iter_ : int
-        LBFGS iterations used by the student.
+        L-BFGS iterations used by the student.
     n_features_in_ : int
         Number of features of X.
 
@@ -91,7 +96,7 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
         teacher_input="xz",
         temperature=2.0,
         imitation=0.5,
-        alpha=1e-3,
+        alpha=2e-3,
         max_iter=200,
         tol=1e-7,
         device="auto",
@@ -176,29 +181,24 @@ class GeneralizedDistillationClassifier(ClassifierMixin, BaseEstimator):
         Xs, soft_t, w = as_tensor((X - mean) / scale), as_tensor(soft), as_tensor(weight)
         y_t = torch.as_tensor(y_idx, device=device)
         k = len(self.classes_)
-        W = torch.zeros(k, X.shape[1], dtype=torch.float64, device=device, requires_grad=True)
-        b = torch.zeros(k, dtype=torch.float64, device=device, requires_grad=True)
-        opt = torch.optim.LBFGS(
-            [W, b], max_iter=self.max_iter, tolerance_grad=self.tol, tolerance_change=self.tol,
-            line_search_fn="strong_wolfe",
-        )
+        # Built on the meta device (no random numbers drawn), then zeroed: the student starts at W = 0, b = 0.
+        student = torch.nn.Linear(X.shape[1], k, dtype=torch.float64, device="meta").to_empty(device=device)
+        torch.nn.init.zeros_(student.weight)
+        torch.nn.init.zeros_(student.bias)
 
-        def closure():
-            opt.zero_grad()
-            log_p = torch.log_softmax(Xs @ W.T + b, dim=1)
+        def objective(module):
+            log_p = torch.log_softmax(module(Xs), dim=1)
             hard = -log_p.gather(1, y_t[:, None]).squeeze(1)
             imitate = -(soft_t * log_p).sum(dim=1)
-            loss = ((1 - w) * hard + w * imitate).mean() + self.alpha * (W**2).sum()
-            loss.backward()
-            return loss
+            return ((1 - w) * hard + w * imitate).mean()
 
-        opt.step(closure)
-        n_iter = int(opt.state[opt._params[0]]["n_iter"])
-        check_finite_objective(float(closure().detach()), n_iter, solver="L-BFGS")  # where it stopped
-        W_np, b_np = W.detach().cpu().numpy(), b.detach().cpu().numpy()
+        result = Trainer(student).fit_full_batch(
+            objective, (), max_iter=self.max_iter, tol=self.tol, alpha=self.alpha
+        )
+        W_np, b_np = (p.detach().cpu().numpy() for p in (student.weight, student.bias))
         self.coef_ = W_np / scale
         self.intercept_ = b_np - self.coef_ @ mean
-        self.n_iter_ = n_iter
+        self.n_iter_ = result.n_iter
 
     def __sklearn_is_fitted__(self):
         return hasattr(self, "coef_")

@@ -20,15 +20,16 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm  # not tqdm.auto: its asyncio class opens an extra DataLoader iterator
 
+from .._grid import infer_grid
 from .._param_validation import Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
 from ..features._hashing import image_id
 from ..features.backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, load_backbone
 from ..features.cache import _atomic_write, _write_json
 from ..features.images import ImageLoadError, describe_item
-from ..nn import HeadOutput, build_head, label_loss, multitask_loss
+from ..nn import HeadOutput, build_head, head_spec, label_loss, multitask_loss
+from ..nn.engine import Checkpoint, EarlyStopping, LRScheduler, ProgressLogger, Timer, Trainer
 from ._augment import RECIPES, ImageByproductDataset, JointTransform, augmentation_recipe
 from ._base import (
     LUABClassifierMixin,
@@ -41,7 +42,6 @@ from ._base import (
     torch_seeded,
     validation_split,
 )
-from ._training import EarlyStopping, check_finite_objective, check_finite_parameters
 
 __all__ = ["LUABFineTuner"]
 
@@ -106,7 +106,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     weight_decay : float, default=0.05
         AdamW decoupled weight decay of weight matrices and kernels (not of biases and norm parameters).
     max_iter : int, default=10
-        Epochs; the cosine schedule spans all of them.
+        Epochs (:mod:`luab_sk.nn.engine`); the cosine schedule spans all of them.
     warmup_epochs : float, default=1.0
         Linear warmup, in epochs (fractions allowed), then cosine decay to 0.
     batch_size : int, default=32
@@ -153,6 +153,8 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     validation_fraction : float, default=0.1
     n_iter_no_change : int, default=3
     tol : float, default=1e-4
+        With ``early_stopping``, the validation score must improve by more than ``tol`` to reset the
+        patience (the meaning of ``tol`` in the epoch mode of :mod:`luab_sk.nn.engine`).
     checkpoint_dir : str, path-like or None, default=None
         Write ``last.pt`` (weights, optimizer, schedule, epoch, history) there after every epoch, and beside
         it ``last.pt.json`` with the checkpoint's SHA-256 and the fingerprint of the fit (each written
@@ -193,6 +195,9 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         Epochs run by the last ``fit`` (counting resumed ones).
     loss_curve_ : list of float
         Mean training loss per epoch.
+    epoch_times_, epoch_cpu_times_ : list of float
+        Wall-clock and CPU seconds of every epoch of the last ``fit`` (not of resumed ones), from the
+        engine's :class:`~luab_sk.nn.Timer` hook (CUDA synchronised).
     validation_scores_ : list of float
         Negative validation label loss per epoch (with ``early_stopping``).
 
@@ -304,6 +309,11 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
 
+    # The shared base pickles the weights only (small, and loadable without the training device).
+    _module_attr = "model_"
+    _pickle_weights_only = True
+    _pooled_target_names = ("point",)
+
     _parameter_constraints: dict = {
         **LUABClassifierMixin._parameter_constraints,
         "backbone": [str],
@@ -396,7 +406,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.n_byproducts_ = 0 if Z is None else Z.shape[1]
         with torch_seeded(seed, device):
             if not continuing:
-                per_class = self.head == "attention" and self.n_byproducts_ > 2
+                per_class = head_spec(self.head).spatial and self.n_byproducts_ > 2
                 self.model_ = self._build_model(n_outputs, self.pretrained, per_class_maps=per_class)
             model = self.model_.to(device)
             if self.channels_last:
@@ -418,67 +428,60 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             if val_index is not None:
                 val_loader = self._loader(X, labels.y, None, val_index, seed, train=False)
                 validation = ((), partial(self._validation_score, loader=val_loader, device=device))
+            # The training engine (luab_sk.nn.engine) runs the epochs; its hooks time them, keep the
+            # best weights, step the schedule, report progress and write the checkpoint.
             tracker = EarlyStopping(model, validation, float(self.tol), self.n_iter_no_change)
-            start, self.loss_curve_ = 0, []
-            if checkpoint is not None:
-                start = self._restore(checkpoint, model, optimizer, scheduler, tracker, device)
-            stop = start > 0 and checkpoint["stopped"]
-            epoch = start
-            while epoch < self.max_iter and not stop:
-                torch.manual_seed(_epoch_seed(seed, epoch))
-                self.loss_curve_.append(
-                    self._train_epoch(model, train_loader, optimizer, scheduler, epoch, seed, device)
+            timer = Timer(device)
+            hooks = [timer, tracker, LRScheduler(scheduler), ProgressLogger(self.verbose)]
+            if self.checkpoint_dir is not None:
+                hooks.append(
+                    Checkpoint(
+                        lambda t: self._write_checkpoint(
+                            t.epoch, t.stop, seed, model, optimizer, scheduler, tracker
+                        )
+                    )
                 )
-                stop = tracker.update()
-                epoch += 1
-                if self.verbose > 0:
-                    extra = f", validation score {tracker.scores[-1]:.5f}" if tracker.scores else ""
-                    print(f"Epoch {epoch}: loss {self.loss_curve_[-1]:.5f}{extra}", flush=True)
-                if self.checkpoint_dir is not None:
-                    self._write_checkpoint(epoch, stop, seed, model, optimizer, scheduler, tracker)
-            tracker.restore_best()
-        model.eval()
-        self.n_iter_ = epoch
+            trainer = Trainer(model, hooks, solver="AdamW", learning_rate=self.learning_rate)
+            trainer.optimizer = optimizer
+            if checkpoint is not None:
+                trainer.epoch = self._restore(checkpoint, model, optimizer, scheduler, tracker, device)
+                trainer.stop = trainer.epoch > 0 and bool(checkpoint["stopped"])
+            # One list: the engine appends to it, the checkpoint writes it (_restore set it when resuming).
+            self.loss_curve_ = trainer.loss_curve = self.loss_curve_ if checkpoint is not None else []
+
+            def run_epoch(epoch):
+                torch.manual_seed(_epoch_seed(seed, epoch))
+                return self._train_epoch(trainer, train_loader, epoch, seed, device)
+
+            trainer.fit_epochs(run_epoch, max_iter=self.max_iter)
+        self.n_iter_ = trainer.epoch
         self.validation_scores_ = tracker.scores
+        self.epoch_times_, self.epoch_cpu_times_ = timer.wall, timer.cpu
         return self
 
-    def _train_epoch(self, model, loader, optimizer, scheduler, epoch, seed, device):
-        """One pass over the training data; returns the mean training loss."""
+    def _train_epoch(self, trainer, loader, epoch, seed, device):
+        """One pass over the training data (:meth:`luab_sk.nn.Trainer.train_epoch`); the mean loss."""
         loader.dataset.epoch = epoch
-        generator = loader.generator
-        generator.manual_seed(_epoch_seed(seed, epoch))
-        model.train()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.max_iter}", disable=self.verbose < 1, leave=False)
-        for images, y, z in bar:
-            images, y, z = self._to_device(images, y, z, device)
-            with self._autocast(device):
-                output = model(images)
-            loss = multitask_loss(
-                _as_float(output),
-                y,
-                z,
-                task=self.task_,
-                byproduct_weight=float(self.byproduct_weight),
-                byproduct_target=self.byproduct_target_,
-                byproduct_loss=self.byproduct_loss,
-                grid_shape=self.grid_shape_,
-                sigma=float(self.sigma),
-            ).total
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            running += float(loss.detach()) * images.shape[0]
-            seen += images.shape[0]
-            bar.set_postfix(loss=f"{running / seen:.4f}")
-        mean = running / max(seen, 1)
-        check_finite_objective(mean, epoch + 1, solver="AdamW", learning_rate=self.learning_rate)
-        check_finite_parameters(model, epoch + 1, solver="AdamW", learning_rate=self.learning_rate)
-        return mean
+        loader.generator.manual_seed(_epoch_seed(seed, epoch))
+        loss = partial(self._batch_loss, device=device)
+        return trainer.train_epoch(loader, loss, trainer.optimizer, clip_grad_norm=self.clip_grad_norm)
+
+    def _batch_loss(self, model, images, y, z, *, device):
+        """The training objective on one batch (forward under autocast, loss in float32)."""
+        images, y, z = self._to_device(images, y, z, device)
+        with self._autocast(device):
+            output = model(images)
+        return multitask_loss(
+            _as_float(output),
+            y,
+            z,
+            task=self.task_,
+            byproduct_weight=float(self.byproduct_weight),
+            byproduct_target=self.byproduct_target_,
+            byproduct_loss=self.byproduct_loss,
+            grid_shape=self.grid_shape_,
+            sigma=float(self.sigma),
+        ).total
 
     def _validation_score(self, model, loader, device):
         total, seen = 0.0, 0
@@ -496,7 +499,8 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.image_size_ = int(self.image_size or backbone.data_config["input_size"][-1])
         self.data_mean_ = tuple(backbone.data_config["mean"])
         self.data_std_ = tuple(backbone.data_config["std"])
-        key = "tokens" if self.head == "attention" else "pooled"
+        spec = head_spec(self.head)
+        key = spec.input  # the backbone output the head reads: "tokens" or "pooled"
         # Find the parameters that reach the output we use (the library classifier, for one, does not),
         # and the token grid at our image size.
         probe = torch.zeros(2, 3, self.image_size_, self.image_size_)
@@ -504,20 +508,20 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         out = backbone(probe, outputs=(key,))[key]
         out.float().sum().backward()
         backbone.train()
-        attention = self.head == "attention"
-        self.grid_shape_ = _square_grid(out.shape[1], self.image_size_, self.backbone) if attention else None
+        grid = _square_grid(out.shape[1], self.image_size_, self.backbone) if spec.spatial else None
+        self.grid_shape_ = grid
         groups = [[p for p in g if p.grad is not None] for g in backbone.layer_groups()]
         groups = [g for g in groups if g]
         for p in backbone.parameters():
             trainable = p.grad is not None
             p.grad = None
             p.requires_grad_(trainable)
-        width = backbone.token_dim if self.head == "attention" else backbone.pooled_dim
+        width = backbone.token_dim if spec.spatial else backbone.pooled_dim
         head = build_head(
             self.head,
             width,
             n_outputs,
-            0 if self.head == "attention" else self.n_byproducts_,
+            0 if spec.spatial else self.n_byproducts_,
             hidden_size=self.hidden_size,
             grid_shape=self.grid_shape_,
             n_heads=self.n_heads,
@@ -592,20 +596,14 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------ checking
     def _check_params(self):
         """The checks ``_parameter_constraints`` cannot express; returns the resolved ``byproduct_target``."""
-        targets = ("heatmap", "point") if self.head == "attention" else ("point",)
-        target = targets[0] if self.byproduct_target == "auto" else self.byproduct_target
-        if target not in targets:
-            raise ValueError(
-                f"byproduct_target={self.byproduct_target!r} does not fit head={self.head!r}; "
-                f"use one of {('auto',) + targets}."
-            )
+        target = self._resolve_byproduct_target()  # the head's HeadSpec says what it supports
         if self.crop_scale is not None and not (
             len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1
         ):
             raise ValueError(
                 f"crop_scale must be None or (min, max) with 0 < min <= max <= 1, got {self.crop_scale!r}."
             )
-        return target if self.head == "attention" else "regression"
+        return target
 
     def _label_clicks(self, labels, Z):
         """The per-class clicks of the ``drop_label_outside_crop`` rule (None when it is off or Z is None)."""
@@ -689,12 +687,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "loss_curve": list(self.loss_curve_),
-            "tracker": {
-                "scores": list(tracker.scores),
-                "best_score": float(tracker.best_score),
-                "stale": int(tracker.stale),
-                "best_state": tracker.best_state,
-            },
+            "tracker": tracker.state_dict(),
         }
         _atomic_write(path, partial(torch.save, state))
         record = {"sha256": _sha256(path), "fingerprint": self._checkpoint_fingerprint, "epoch": int(epoch)}
@@ -705,12 +698,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         self.loss_curve_ = list(checkpoint["loss_curve"])
-        saved = checkpoint["tracker"]
-        tracker.scores = list(saved["scores"])
-        tracker.best_score, tracker.stale = saved["best_score"], saved["stale"]
-        tracker.best_state = saved["best_state"]
-        if tracker.best_state is not None:
-            tracker.best_state = {k: v.to(device) for k, v in tracker.best_state.items()}
+        tracker.load_state_dict(checkpoint["tracker"], device)
         return int(checkpoint["epoch"])
 
     # -------------------------------------------------------------- predict
@@ -732,67 +720,11 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     def _label_scores(self, X):
         return torch.cat([out.logits for out in self._outputs(X)]).numpy()
 
-    def predict_byproducts(self, X):
-        """Predict click points from the images alone.
-
-        Parameters
-        ----------
-        X : sequence of image items, or uint8 array of shape (n_samples, H, W, 3)
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_byproducts)
-            Points ``[x_0, y_0, ...]`` in [0, 1] coordinates of each image: the regression head's output
-            (pooled heads), or the soft-argmax of each attention map (attention head).
-        """
-        check_is_fitted(self)
-        if self.head != "attention" and self.n_byproducts_ == 0:
-            raise ValueError(
-                "this LUABFineTuner was fitted without byproducts (Z=None, all missing, or "
-                "byproduct_weight=0), so it has no byproduct head."
-            )
-        return torch.cat([out.byproducts for out in self._outputs(X)]).numpy()
-
-    def attention_maps(self, X):
-        """Attention maps of the attention head over the backbone's token grid.
-
-        Parameters
-        ----------
-        X : sequence of image items, or uint8 array of shape (n_samples, H, W, 3)
-
-        Returns
-        -------
-        ndarray of shape (n_samples, grid_h, grid_w), or (n_samples, n_classes, grid_h, grid_w) with
-        per-class maps. Every map sums to 1.
-        """
-        check_is_fitted(self)
-        if self.head != "attention":
-            raise ValueError(f"attention_maps needs head='attention'; this model has head={self.head!r}.")
-        maps = torch.cat([out.attention for out in self._outputs(X)]).numpy()
-        maps = maps.reshape(maps.shape[0], maps.shape[1], *self.grid_shape_)
-        return maps[:, 0] if maps.shape[1] == 1 else maps
-
-    # ---------------------------------------------------------------- state
-    def __getstate__(self):
-        state = dict(super().__getstate__())  # a copy: Python 3.11 hands out the live __dict__
-        if "model_" in state:  # store weights only: small, and loadable on machines without the device
-            model = state.pop("model_")
-            state["_model_state"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return state
-
-    def __setstate__(self, state):
-        model_state = state.pop("_model_state", None)
-        super().__setstate__(state)
-        if model_state is not None:
-            n_outputs = 1 if self.task_ == "binary" else len(self.classes_)
-            # The architecture only (the weights follow); per-class maps show in the weights' names.
-            per_class = "head.class_weight" in model_state
-            self.model_ = self._build_model(n_outputs, None, per_class_maps=per_class)
-            self.model_.load_state_dict(model_state)
-            self.model_.eval()
-
-    def __sklearn_is_fitted__(self):
-        return hasattr(self, "model_")
+    # predict_byproducts, attention_maps and pickling: the shared base (LUABClassifierMixin).
+    def _rebuild_module(self, model_state):
+        """The architecture of a pickled model (its weights follow); per-class maps show in the names."""
+        n_outputs = 1 if self.task_ == "binary" else len(self.classes_)
+        return self._build_model(n_outputs, None, per_class_maps="head.class_weight" in model_state)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -858,13 +790,13 @@ def _n_frozen_groups(trainable_layers, n_groups: int) -> int:
 
 def _square_grid(n_tokens: int, image_size: int, name: str) -> tuple[int, int]:
     """The token grid of a square input image (the backbone's ``grid`` is for its own input size)."""
-    side = math.isqrt(n_tokens)
-    if side * side != n_tokens:
+    try:
+        return infer_grid(n_tokens)
+    except ValueError:
         raise ValueError(
             f"{name!r} gives {n_tokens} tokens for a square {image_size} px image, not a square grid; "
             "choose another image_size."
-        )
-    return side, side
+        ) from None
 
 
 def _as_float(output: HeadOutput) -> HeadOutput:

@@ -2,10 +2,34 @@
 
 Nothing here knows scikit-learn; the heads do not care where their input comes from, so the same heads
 sit on cached embeddings (:class:`luab_sk.estimators.classifier.LUABClassifier`) and on a backbone being
-fine-tuned.
+fine-tuned. :mod:`luab_sk.nn.engine` is the one training engine every estimator trains through (and
+the one definition of ``alpha``, ``tol`` and ``max_iter``).
 """
 
-from .heads import AttentionHead, HeadOutput, PooledHead, build_head, token_centers
+from .engine import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    LossPlateau,
+    LRScheduler,
+    NonFiniteObjectiveError,
+    ProgressLogger,
+    Timer,
+    Trainer,
+    TrainResult,
+    l2_penalty,
+    train_module,
+)
+from .heads import (
+    HEADS,
+    AttentionHead,
+    HeadOutput,
+    HeadSpec,
+    PooledHead,
+    build_head,
+    head_spec,
+    token_centers,
+)
 from .init import FeatureMoments, feature_moments, reduced_rank_init_, whitened
 from .losses import (
     MultitaskLoss,
@@ -20,7 +44,22 @@ from .losses import (
 )
 
 __all__ = [
+    "HEADS",
     "AttentionHead",
+    "Callback",
+    "Checkpoint",
+    "EarlyStopping",
+    "HeadSpec",
+    "LRScheduler",
+    "LossPlateau",
+    "NonFiniteObjectiveError",
+    "ProgressLogger",
+    "Timer",
+    "TrainResult",
+    "Trainer",
+    "head_spec",
+    "l2_penalty",
+    "train_module",
     "FeatureMoments",
     "HeadOutput",
     "MultitaskLoss",

@@ -13,7 +13,18 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["HeadOutput", "PooledHead", "AttentionHead", "build_head", "token_centers"]
+from .._grid import cell_centers
+
+__all__ = [
+    "HEADS",
+    "HeadOutput",
+    "HeadSpec",
+    "PooledHead",
+    "AttentionHead",
+    "build_head",
+    "head_spec",
+    "token_centers",
+]
 
 
 class HeadOutput(NamedTuple):
@@ -34,6 +45,61 @@ class HeadOutput(NamedTuple):
     logits: Tensor
     byproducts: Tensor | None
     attention: Tensor | None
+
+
+class HeadSpec(NamedTuple):
+    """What a kind of head can do; estimators ask the spec (:data:`HEADS`), never compare names.
+
+    Attributes
+    ----------
+    name : str
+        The ``head`` parameter value.
+    input : {"pooled", "tokens"}
+        ``"pooled"``: ``(B, d)`` features; ``"tokens"``: ``(B, L, C)`` tokens on a grid.
+    targets : tuple of str
+        The ``byproduct_target`` values of :func:`~luab_sk.nn.multitask_loss` it supports; the first is the
+        default. ``"regression"`` reads ``HeadOutput.byproducts`` as free outputs; ``"heatmap"`` and
+        ``"point"`` supervise the attention maps with click points.
+    closed_form_init : bool
+        A deterministic closed-form (or convex) start exists (:func:`~luab_sk.nn.reduced_rank_init_`),
+        loaded into the module before iterative training.
+    rank_bottleneck : bool
+        ``hidden_size`` is the rank of a linear map: a rank above ``n_outputs + n_byproducts`` (or the input
+        width) represents nothing new, so estimators cap it.
+    """
+
+    name: str
+    input: str
+    targets: tuple[str, ...]
+    closed_form_init: bool = False
+    rank_bottleneck: bool = False
+
+    @property
+    def spatial(self) -> bool:
+        """Reads tokens on a grid, has attention maps, and its byproducts are the maps' points."""
+        return self.input == "tokens"
+
+
+#: The head registry: one :class:`HeadSpec` per ``head`` value, in the estimators' documented order.
+HEADS: dict[str, HeadSpec] = {
+    "linear": HeadSpec("linear", "pooled", ("regression",), closed_form_init=True, rank_bottleneck=True),
+    "mlp": HeadSpec("mlp", "pooled", ("regression",)),
+    "attention": HeadSpec("attention", "tokens", ("heatmap", "point")),
+}
+
+
+def head_spec(kind: str) -> HeadSpec:
+    """The :class:`HeadSpec` of ``kind``, or a ValueError naming the known heads.
+
+    Examples
+    --------
+    >>> head_spec("attention").spatial, head_spec("linear").closed_form_init
+    (True, True)
+    """
+    try:
+        return HEADS[kind]
+    except (KeyError, TypeError):
+        raise ValueError(f"kind must be one of {', '.join(map(repr, HEADS))}; got {kind!r}.") from None
 
 
 class PooledHead(nn.Module):
@@ -250,11 +316,7 @@ def token_centers(grid_shape: tuple[int, int]) -> Tensor:
     tensor([[0.2500, 0.5000],
             [0.7500, 0.5000]])
     """
-    grid_h, grid_w = grid_shape
-    ys = (torch.arange(grid_h, dtype=torch.float32) + 0.5) / grid_h
-    xs = (torch.arange(grid_w, dtype=torch.float32) + 0.5) / grid_w
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    return cell_centers(grid_shape, dtype=torch.float32)  # the one implementation: luab_sk._grid
 
 
 def build_head(
@@ -299,7 +361,8 @@ def build_head(
     >>> type(head).__name__, head.kind
     ('PooledHead', 'linear')
     """
-    if kind in ("linear", "mlp"):
+    spec = head_spec(kind)
+    if not spec.spatial:
         return PooledHead(
             in_features,
             n_outputs,
@@ -309,20 +372,18 @@ def build_head(
             n_layers=n_layers,
             generator=generator,
         )
-    if kind == "attention":
-        if grid_shape is None:
-            raise ValueError("grid_shape is required for kind='attention'.")
-        return AttentionHead(
-            in_features,
-            n_outputs,
-            grid_shape,
-            hidden_size=hidden_size,
-            n_heads=n_heads,
-            per_class_maps=per_class_maps,
-            glimpse=glimpse,
-            generator=generator,
-        )
-    raise ValueError(f"kind must be one of 'linear', 'mlp', 'attention'; got {kind!r}.")
+    if grid_shape is None:
+        raise ValueError(f"grid_shape is required for kind={kind!r}.")
+    return AttentionHead(
+        in_features,
+        n_outputs,
+        grid_shape,
+        hidden_size=hidden_size,
+        n_heads=n_heads,
+        per_class_maps=per_class_maps,
+        glimpse=glimpse,
+        generator=generator,
+    )
 
 
 def _check_positive(**values: int) -> None:

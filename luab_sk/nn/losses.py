@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .heads import HeadOutput, token_centers
+from .. import _grid
+from .heads import HeadOutput
 
 __all__ = [
     "MultitaskLoss",
@@ -131,10 +132,7 @@ def gaussian_heatmap(points: Tensor, grid_shape: tuple[int, int], sigma: float =
     """
     if sigma <= 0:
         raise ValueError(f"sigma must be positive, got {sigma!r}.")
-    pts = _as_points(points)
-    centers = token_centers(grid_shape).to(device=pts.device, dtype=pts.dtype)
-    d2 = ((pts.unsqueeze(2) - centers) ** 2).sum(-1)  # (B, P, L)
-    return (-d2 / (2.0 * sigma**2)).softmax(dim=-1)  # NaN points stay NaN
+    return _grid.gaussian_heatmap(_as_points(points), grid_shape, sigma)  # NaN points stay NaN
 
 
 def heatmap_loss(
@@ -211,8 +209,7 @@ def soft_argmax(attention: Tensor, grid_shape: tuple[int, int]) -> Tensor:
     >>> soft_argmax(torch.tensor([[[0.5, 0.5, 0.0, 0.0]]]), (2, 2))
     tensor([[0.5000, 0.2500]])
     """
-    centers = token_centers(grid_shape).to(device=attention.device, dtype=attention.dtype)
-    return (attention @ centers).flatten(1)
+    return _grid.soft_argmax(attention, grid_shape).flatten(1)
 
 
 def point_loss(
