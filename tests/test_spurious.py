@@ -1,7 +1,16 @@
+import inspect
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from luab_sk.datasets.spurious import foreground_crops, make_spurious_benchmark, make_spurious_scenes
+from luab_sk.datasets.spurious import (
+    BACKGROUND_SETS,
+    DEFAULT_SCENE_PARAMS,
+    foreground_crops,
+    make_spurious_benchmark,
+    make_spurious_scenes,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +42,7 @@ def test_boxes_hold_the_pasted_object_and_clicks_fall_near_it(scenes):
     b = scenes.boxes
     assert np.all((b >= 0) & (b <= 1)) and np.all(b[:, 2:] > b[:, :2])
     side = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1])
-    assert np.all((side > 0.25) & (side < 0.5))  # object_scale=(0.3, 0.45), up to pixel rounding
+    assert np.all((side > 0.15) & (side < 0.35))  # object_scale=(0.2, 0.3), up to pixel rounding
     seen = ~np.isnan(scenes.Z).any(axis=1)
     inside = np.all((scenes.Z[seen] >= b[seen, :2]) & (scenes.Z[seen] <= b[seen, 2:]), axis=1)
     assert inside.mean() > 0.85  # click_noise=0.15 object sizes: most clicks land on the object
@@ -99,3 +108,60 @@ def test_bad_parameters_are_named(kwargs, match):
 def test_benchmark_requires_int_seed():
     with pytest.raises(ValueError, match="random_state"):
         make_spurious_benchmark(4, 4, 4, image_size=32, random_state=None)
+
+
+def test_generator_benchmark_and_study_share_their_defaults():
+    from luab_sk.study import run_study
+
+    for func in (make_spurious_scenes, make_spurious_benchmark, run_study):
+        params = inspect.signature(func).parameters
+        for name, value in DEFAULT_SCENE_PARAMS.items():
+            if name in params:
+                assert params[name].default == value, (func.__name__, name)
+    assert DEFAULT_SCENE_PARAMS["classes"] == ("faces", "nonfaces")
+    assert DEFAULT_SCENE_PARAMS["object_scale"] == (0.2, 0.3) and DEFAULT_SCENE_PARAMS["correlation"] == 0.99
+
+
+def test_photo_backgrounds_are_crops_of_two_real_photos():
+    scenes = make_spurious_scenes(40, backgrounds="photos", image_size=32, correlation=0.5, random_state=0)
+    assert scenes.background_names == BACKGROUND_SETS["photos"] == ("china", "flower")
+    assert scenes.images.shape == (40, 32, 32, 3)
+    # different photos: the temple scene (pale sky) is far brighter on average than the flower (dark leaves)
+    brightness = scenes.images.reshape(40, -1).astype(float).mean(axis=1)
+    assert brightness[scenes.background == 0].mean() > brightness[scenes.background == 1].mean() + 40
+
+
+def test_foregrounds_and_backgrounds_as_images_and_folders(tmp_path):
+    from skimage import data
+
+    folder = tmp_path / "mugs"
+    folder.mkdir()
+    for i, img in enumerate((data.coffee(), data.coffee()[:, ::-1])):
+        Image.fromarray(img).save(folder / f"mug{i}.png")
+    scenes = make_spurious_scenes(
+        8,
+        classes=[data.chelsea(), str(folder)],  # an array, a folder
+        backgrounds=[data.brick(), [data.grass(), Image.fromarray(data.gravel())]],  # arrays: no TypeError
+        image_size=32,
+        random_state=0,
+    )
+    assert scenes.class_names == ("class0", "mugs")
+    assert scenes.background_names == ("background0", "background1")
+    assert scenes.images.shape == (8, 32, 32, 3)
+    mixed = make_spurious_scenes(4, backgrounds=("china", "grass"), image_size=32, random_state=0)
+    assert mixed.background_names == ("china", "grass")
+    images, y = foreground_crops(4, classes=(str(folder), data.rocket()), image_size=32, random_state=0)
+    assert images.shape == (4, 32, 32, 3) and sorted(set(y.tolist())) == [0, 1]
+    with pytest.raises(ValueError, match="holds no image"):
+        make_spurious_scenes(2, classes=(str(tmp_path / "mugs"), str(tmp_path)), image_size=32)
+    with pytest.raises(ValueError, match="backgrounds"):
+        make_spurious_scenes(2, backgrounds="sunset", image_size=32)
+
+
+def test_balanced_training_split_leaves_the_others_unchanged():
+    plain = make_spurious_benchmark(8, 4, 4, image_size=32, random_state=0)
+    more = make_spurious_benchmark(8, 4, 4, image_size=32, random_state=0, n_train_balanced=40)
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(plain[name].images, more[name].images)
+    balanced = more["train_balanced"]
+    assert 0.3 < np.mean(balanced.background == balanced.y) < 0.7

@@ -38,6 +38,8 @@ TINY = {
     "n_decodability": 20,
     "verbose": 0,
     "luab_params": {"max_iter": 5, "n_components": 8, "hidden_size": 8},
+    "extend_weights": False,
+    "n_train_balanced": 8,
 }
 
 
@@ -46,12 +48,14 @@ TINY = {
 def test_run_study_writes_table_record_and_plots(tmp_path):
     result = run_study(**TINY, cache_dir=str(tmp_path / "cache"), output_dir=str(tmp_path / "out"))
     assert [row["method"] for row in result.table] == list(METHODS)
+    assert {row["kind"] for row in result.table} == {"method", "control", "reference"}
     for row in result.table:
         for metric in ("accuracy", "worst_group_accuracy"):
             mean, std = row[metric]
             assert 0 <= mean <= 1 and std >= 0
         assert (row["pointing_game"] is None) == (
             row["method"] in ("linear probe (pooled)", "generalized distillation")
+            or row["kind"] == "reference"
         )
     # the plain probe is deterministic: no spread over seeds
     assert result.table[0]["accuracy"][1] == 0.0
@@ -60,10 +64,14 @@ def test_run_study_writes_table_record_and_plots(tmp_path):
     assert names == ["luab_study.json", "luab_study.md", "luab_study_attention.png", "luab_study_weights.png"]
     assert sorted(os.listdir(tmp_path / "out")) == names == sorted(output_names())  # no temporary files left
     record = json.loads((tmp_path / "out" / "luab_study.json").read_text())
-    assert record["grid_search"]["byproduct_weight"] == [0.0, 1.0]
+    assert record["grid_search"][0]["byproduct_weight"] == [0.0, 1.0]
     assert record["config"]["seeds"] == [0, 1] and "total_s" in record["timings_s"]
+    assert 0 <= record["config"]["background_decodability"] <= 1  # the shortcut's strength
+    assert record["config"]["n_train_balanced"] == 8  # the oracle's group-balanced training scenes
+    assert [r["seed"] for r in record["runs"]] == [0, 1] and record["runs"][0]["data_seed"] == 0
     markdown = (tmp_path / "out" / "luab_study.md").read_text()
-    assert "| LUAB, shuffled Z |" in markdown and "worst-group accuracy" in markdown
+    assert "| LUAB, shuffled Z (control) |" in markdown and "worst-group accuracy" in markdown
+    assert "| DFR (group-balanced val) (reference) | labels + groups |" in markdown
 
 
 def test_run_study_stops_when_the_foreground_is_not_decodable():

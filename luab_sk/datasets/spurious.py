@@ -1,8 +1,11 @@
 """A Waterbirds-style spurious-correlation benchmark built from photos that ship with scikit-image.
 
 Every scene is a real object photo (the *foreground*, which alone determines the label) pasted at a random
-position and scale onto a tinted texture (the *background*, whose group agrees with the label in a chosen
-share of the training images and is independent of it at test time). Each scene carries simulated annotation
+position and scale onto a background (whose group agrees with the label in a chosen share of the training
+images and is independent of it at test time): a tinted texture (``backgrounds="textures"``, grass vs brick),
+a random crop of a real scene photo (``backgrounds="photos"``: scikit-learn's ``china.jpg`` temple scene vs
+its ``flower.jpg``), or random crops of your own photos (a folder, or a list of images, per group).
+Foregrounds, too, can be built-in names, folders or lists of images. Each scene carries simulated annotation
 byproducts with ImageNet-AB-like statistics: a click near the object (Gaussian noise proportional to the
 object size, about 14% missing), and optionally the hover time before the click and the mouse trace that led
 to it. The object box of every scene is known, so the pointing game can be scored.
@@ -13,6 +16,8 @@ Everything is deterministic given ``random_state``.
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
@@ -21,6 +26,8 @@ from sklearn.utils import Bunch, check_random_state
 __all__ = [
     "FOREGROUNDS",
     "BACKGROUNDS",
+    "BACKGROUND_SETS",
+    "DEFAULT_SCENE_PARAMS",
     "make_spurious_scenes",
     "make_spurious_benchmark",
     "foreground_crops",
@@ -37,35 +44,137 @@ FOREGROUNDS = {
     "nonfaces": None,  # its 100 non-face crops
 }
 
-# Background group -> (grey texture in ``skimage.data``, RGB tint).
+# Background group -> ("texture", grey texture in ``skimage.data``, RGB tint) or ("photo", source, name):
+# a real photo that ships offline, cut into random crops (one crop per scene).
 BACKGROUNDS = {
-    "grass": ("grass", (0.45, 0.85, 0.35)),
-    "brick": ("brick", (0.40, 0.55, 0.95)),
-    "gravel": ("gravel", (0.95, 0.75, 0.45)),
+    "grass": ("texture", "grass", (0.45, 0.85, 0.35)),
+    "brick": ("texture", "brick", (0.40, 0.55, 0.95)),
+    "gravel": ("texture", "gravel", (0.95, 0.75, 0.45)),
+    "china": ("photo", "sklearn", "china.jpg"),  # a temple among trees under a blue sky (640 x 427)
+    "flower": ("photo", "sklearn", "flower.jpg"),  # a pink flower among green leaves (640 x 427)
+    "hubble": ("photo", "skimage", "hubble_deep_field"),  # galaxies on black (1000 x 872)
+    "motorcycle": ("photo", "skimage", "stereo_motorcycle"),  # a motorcycle in a workshop (741 x 500)
 }
 
+BACKGROUND_SETS = {
+    "textures": ("grass", "brick"),
+    "photos": ("china", "flower"),
+}
+"""Named pairs of background groups: ``backgrounds="photos"`` is ``("china", "flower")``: random crops of
+scikit-learn's two sample photos, a real-photo background shortcut much stronger than tinted textures."""
 
-def _load_photos(name):
-    """The list of source photos of a foreground class."""
+DEFAULT_SCENE_PARAMS = {
+    "correlation": 0.99,
+    "classes": ("faces", "nonfaces"),
+    "backgrounds": ("grass", "brick"),
+    "object_scale": (0.2, 0.3),
+    "image_size": 224,
+    "click_noise": 0.15,
+    "missing_rate": 0.14,
+}
+"""The one source of the benchmark's defaults: :func:`make_spurious_scenes`, :func:`make_spurious_benchmark`
+and :func:`luab_sk.study.run_study` all use these (faces vs non-faces at 20-30% of the scene side on grass vs
+brick, background-label correlation 0.99 in training)."""
+
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _user_images(spec, what):
+    """The PIL images of a user-given source: a folder, an image file, an array (one image or a stack), a PIL
+    image, or a list of any of these but folders. Returns None when ``spec`` is a name (a plain string that
+    names no existing file or folder)."""
+    if isinstance(spec, (str, os.PathLike)):
+        path = Path(spec)
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"{what}: the folder {str(path)!r} holds no image files.")
+            spec = files
+        elif path.is_file():
+            spec = [path]
+        else:
+            return None
+    from ..features.images import load_image
+
+    if isinstance(spec, np.ndarray) and spec.ndim == 4 or isinstance(spec, (list, tuple)):
+        items = list(spec)
+    else:
+        items = [spec]
+    if not items:
+        raise ValueError(f"{what}: an empty list of images.")
+    return [load_image(item) for item in items]
+
+
+def _source_name(spec, index, prefix):
+    if isinstance(spec, str) and spec in (FOREGROUNDS if prefix == "class" else BACKGROUNDS):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return Path(spec).name or str(spec)
+    return f"{prefix}{index}"
+
+
+def _load_photos(spec):
+    """The list of source photos of a foreground class: a name of :data:`FOREGROUNDS`, or images."""
     from skimage import data
 
-    if name not in FOREGROUNDS:
-        raise ValueError(f"classes contains {name!r}; choose foregrounds among {sorted(FOREGROUNDS)}.")
-    if name in ("faces", "nonfaces"):
-        lfw = data.lfw_subset()
-        part = lfw[:100] if name == "faces" else lfw[100:]
-        return [Image.fromarray(np.uint8(255 * img)).convert("RGB") for img in part]
-    return [Image.fromarray(getattr(data, name)()).convert("RGB").crop(FOREGROUNDS[name])]
+    if isinstance(spec, str) and spec in FOREGROUNDS:
+        if spec in ("faces", "nonfaces"):
+            lfw = data.lfw_subset()
+            part = lfw[:100] if spec == "faces" else lfw[100:]
+            return [Image.fromarray(np.uint8(255 * img)).convert("RGB") for img in part]
+        return [Image.fromarray(getattr(data, spec)()).convert("RGB").crop(FOREGROUNDS[spec])]
+    photos = _user_images(spec, "classes")
+    if photos is None:
+        raise ValueError(
+            f"classes contains {spec!r}; choose foregrounds among {sorted(FOREGROUNDS)}, or give a folder or "
+            "a list of images."
+        )
+    return photos
 
 
-def _load_texture(name):
+def _builtin_photo(source, name):
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return Image.fromarray(load_sample_image(name)).convert("RGB")
     from skimage import data
 
-    if name not in BACKGROUNDS:
-        raise ValueError(f"backgrounds contains {name!r}; choose among {sorted(BACKGROUNDS)}.")
-    texture, tint = BACKGROUNDS[name]
-    grey = np.asarray(getattr(data, texture)(), dtype=np.float32) / 255.0
-    return grey, np.asarray(tint, dtype=np.float32)
+    photo = getattr(data, name)()
+    if isinstance(photo, tuple):  # stereo pairs: the left view
+        photo = photo[0]
+    return Image.fromarray(np.asarray(photo)).convert("RGB")
+
+
+def _load_background(spec):
+    """("texture", grey array, tint) or ("photo", list of PIL images) for one background group."""
+    from skimage import data
+
+    if isinstance(spec, str) and spec in BACKGROUNDS:
+        kind, *args = BACKGROUNDS[spec]
+        if kind == "texture":
+            texture, tint = args
+            grey = np.asarray(getattr(data, texture)(), dtype=np.float32) / 255.0
+            return ("texture", grey, np.asarray(tint, dtype=np.float32))
+        return ("photo", [_builtin_photo(*args)])
+    photos = _user_images(spec, "backgrounds")
+    if photos is None:
+        raise ValueError(
+            f"backgrounds contains {spec!r}; choose among {sorted(BACKGROUNDS)} (or "
+            f"backgrounds={sorted(BACKGROUND_SETS)}), or give a folder or a list of images per group."
+        )
+    return ("photo", photos)
+
+
+def _resolve_backgrounds(backgrounds):
+    if isinstance(backgrounds, str) and backgrounds in BACKGROUND_SETS:
+        return BACKGROUND_SETS[backgrounds]
+    if isinstance(backgrounds, (str, os.PathLike, np.ndarray, Image.Image)):
+        raise ValueError(
+            f"backgrounds must be one of {sorted(BACKGROUND_SETS)} or a sequence with one group per class, "
+            f"got {backgrounds!r:.80}."
+        )
+    return tuple(backgrounds)
 
 
 def _augment_object(photo, rng, *, side):
@@ -89,7 +198,29 @@ def _augment_object(photo, rng, *, side):
     return view.resize(size, Image.Resampling.BILINEAR)
 
 
-def _background(texture, tint, rng, *, size):
+def _background(source, rng, *, size):
+    """A background canvas (size, size, 3) of floats in [0, 1] from a loaded background group."""
+    if source[0] == "texture":
+        return _texture_background(*source[1:], rng, size=size)
+    photos = source[1]
+    return _photo_background(photos[int(rng.integers(len(photos)))], rng, size=size)
+
+
+def _photo_background(photo, rng, *, size):
+    """A random square crop (a third to all of the short side) of a photo, flipped, resized, jittered."""
+    w, h = photo.size
+    short = min(w, h)
+    crop = int(rng.integers(max(1, short // 3), short + 1))
+    left = int(rng.integers(0, w - crop + 1))
+    top = int(rng.integers(0, h - crop + 1))
+    patch = photo.crop((left, top, left + crop, top + crop))
+    if rng.random() < 0.5:
+        patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    rgb = np.asarray(patch.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    return np.clip(rgb * rng.uniform(0.85, 1.15), 0.0, 1.0)
+
+
+def _texture_background(texture, tint, rng, *, size):
     """A random crop of a grey texture, flipped, resized and tinted: (size, size, 3) floats in [0, 1]."""
     full = texture.shape[0]
     crop = int(rng.integers(full // 3, full + 1))
@@ -151,16 +282,32 @@ def _check_scale(object_scale):
     return float(lo), float(hi)
 
 
+def _check_sources(classes, backgrounds):
+    """Foreground and background specs as tuples; names must be distinct (images are not compared)."""
+    if isinstance(classes, (str, os.PathLike, np.ndarray, Image.Image)):
+        raise ValueError(f"classes must be a sequence with one foreground per class, got {classes!r:.80}.")
+    classes, backgrounds = tuple(classes), _resolve_backgrounds(backgrounds)
+    names = [c for c in classes if isinstance(c, str)]
+    if len(classes) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"classes must name at least two distinct foregrounds, got {classes!r:.200}.")
+    names = [b for b in backgrounds if isinstance(b, str)]
+    if len(backgrounds) != len(classes) or len(set(names)) != len(names):
+        raise ValueError(
+            f"backgrounds must give {len(classes)} distinct groups, one per class, got {backgrounds!r:.200}."
+        )
+    return classes, backgrounds
+
+
 def make_spurious_scenes(
     n_samples=200,
     *,
-    correlation=0.95,
-    classes=("chelsea", "coffee"),
-    backgrounds=("grass", "brick"),
-    object_scale=(0.3, 0.45),
-    image_size=224,
-    click_noise=0.15,
-    missing_rate=0.14,
+    correlation=DEFAULT_SCENE_PARAMS["correlation"],
+    classes=DEFAULT_SCENE_PARAMS["classes"],
+    backgrounds=DEFAULT_SCENE_PARAMS["backgrounds"],
+    object_scale=DEFAULT_SCENE_PARAMS["object_scale"],
+    image_size=DEFAULT_SCENE_PARAMS["image_size"],
+    click_noise=DEFAULT_SCENE_PARAMS["click_noise"],
+    missing_rate=DEFAULT_SCENE_PARAMS["missing_rate"],
     with_trace=False,
     random_state=None,
 ):
@@ -175,15 +322,19 @@ def make_spurious_scenes(
     ----------
     n_samples : int, default=200
         Number of scenes.
-    correlation : float in [0, 1], default=0.95
+    correlation : float in [0, 1], default=0.99
         Probability that a scene's background group equals its label.
-    classes : sequence of str, default=("chelsea", "coffee")
-        Foreground of each class, among :data:`FOREGROUNDS`: single photos (``"chelsea"``, a cat;
-        ``"coffee"``; ``"astronaut"``; ``"rocket"``) or the 100 face / non-face crops of scikit-image's
-        ``lfw_subset`` (``"faces"``, ``"nonfaces"``).
-    backgrounds : sequence of str, default=("grass", "brick")
-        Background group aligned with each class, among :data:`BACKGROUNDS`; same length as ``classes``.
-    object_scale : float or (float, float), default=(0.3, 0.45)
+    classes : sequence, default=("faces", "nonfaces")
+        Foreground of each class: a name among :data:`FOREGROUNDS` (single photos ``"chelsea"``, a cat;
+        ``"coffee"``; ``"astronaut"``; ``"rocket"``; or the 100 face / non-face crops of scikit-image's
+        ``lfw_subset``, ``"faces"``, ``"nonfaces"``), a folder of images, an image file, or a list of images
+        (paths, PIL images, uint8 arrays; one is drawn per scene and strongly augmented).
+    backgrounds : str or sequence, default=("grass", "brick")
+        ``"textures"`` (grass vs brick), ``"photos"`` (random crops of scikit-learn's ``china.jpg`` vs
+        ``flower.jpg``, see :data:`BACKGROUND_SETS`), or one background group per class: a name among
+        :data:`BACKGROUNDS` (tinted textures or built-in photos), a folder of photos, an image, or a list of
+        images (each scene takes a random square crop of one of them).
+    object_scale : float or (float, float), default=(0.2, 0.3)
         Longer side of the pasted object as a fraction of the image side, drawn uniformly in the range.
     image_size : int, default=224
         Side of the square scenes in pixels.
@@ -207,12 +358,11 @@ def make_spurious_scenes(
 
     Notes
     -----
-    Measured with ImageNet EfficientNet-Lite0 features (see ``benchmarks/luab_study.py``): the default cat
-    vs coffee pair is so distinct that a linear probe on pooled features ignores the background even at
-    ``correlation=0.95`` (100% worst-group accuracy); ``classes=("faces", "nonfaces")`` with
-    ``object_scale=(0.2, 0.3)`` and ``correlation`` of 0.98 or more is the setting where the background
-    shortcut wins (:func:`luab_sk.study.run_study` uses these classes with ``correlation=0.99`` by default).
-    Both pass the foreground decodability check (>= 98%).
+    Measured with ImageNet EfficientNet-Lite0 features (see ``benchmarks/luab_study.py``): the cat vs coffee
+    pair (``classes=("chelsea", "coffee")``) is so distinct that a linear probe on pooled features ignores the
+    background even at ``correlation=0.95`` (100% worst-group accuracy); the defaults, faces vs non-faces with
+    ``object_scale=(0.2, 0.3)`` and ``correlation`` of 0.98 or more, are the setting where the background
+    shortcut wins. Both pass the foreground decodability check (>= 98%).
 
     Examples
     --------
@@ -231,15 +381,9 @@ def make_spurious_scenes(
     if not isinstance(click_noise, numbers.Real) or not click_noise >= 0:
         raise ValueError(f"click_noise must be a non-negative real number, got {click_noise!r}.")
     lo, hi = _check_scale(object_scale)
-    classes, backgrounds = tuple(classes), tuple(backgrounds)
-    if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must name at least two distinct foregrounds, got {classes!r}.")
-    if len(backgrounds) != len(classes) or len(set(backgrounds)) != len(backgrounds):
-        raise ValueError(
-            f"backgrounds must name {len(classes)} distinct groups, one per class, got {backgrounds!r}."
-        )
-    photos = [_load_photos(name) for name in classes]
-    textures = [_load_texture(name) for name in backgrounds]
+    classes, backgrounds = _check_sources(classes, backgrounds)
+    photos = [_load_photos(spec) for spec in classes]
+    sources = [_load_background(spec) for spec in backgrounds]
     rng = check_random_state(random_state)
     rng = np.random.default_rng(rng.randint(np.iinfo(np.int32).max))
 
@@ -251,7 +395,7 @@ def make_spurious_scenes(
     images = np.empty((n_samples, image_size, image_size, 3), dtype=np.uint8)
     boxes = np.empty((n_samples, 4))
     for i in range(n_samples):
-        canvas = _background(*textures[background[i]], rng, size=image_size)
+        canvas = _background(sources[background[i]], rng, size=image_size)
         obj = _augment_object(
             photos[y[i]][rng.integers(len(photos[y[i]]))],
             rng,
@@ -272,8 +416,8 @@ def make_spurious_scenes(
         group=y * k + background,
         boxes=boxes,
         Z=clicks,
-        class_names=classes,
-        background_names=backgrounds,
+        class_names=tuple(_source_name(c, i, "class") for i, c in enumerate(classes)),
+        background_names=tuple(_source_name(b, i, "background") for i, b in enumerate(backgrounds)),
     )
     if with_trace:
         scenes.hover_ms, scenes.traces = _simulate_traces(clicks, rng)
@@ -281,7 +425,14 @@ def make_spurious_scenes(
 
 
 def make_spurious_benchmark(
-    n_train=600, n_val=200, n_test=400, *, correlation=0.95, random_state=0, **scene_params
+    n_train=600,
+    n_val=200,
+    n_test=400,
+    *,
+    correlation=DEFAULT_SCENE_PARAMS["correlation"],
+    random_state=0,
+    n_train_balanced=0,
+    **scene_params,
 ):
     """Train / validation / test splits: spurious training set, group-balanced validation and test sets.
 
@@ -289,18 +440,23 @@ def make_spurious_benchmark(
     ----------
     n_train, n_val, n_test : int, default=600, 200, 400
         Number of scenes in each split.
-    correlation : float in [0, 1], default=0.95
+    correlation : float in [0, 1], default=0.99
         Background-label agreement in the training split; validation and test use ``1 / n_classes``
         (background independent of the label).
     random_state : int, default=0
         Seed; each split draws from its own stream derived from it.
+    n_train_balanced : int, default=0
+        When positive, also a ``"train_balanced"`` split of that many group-balanced training scenes (the
+        oracle reference of the study: the same probe trained without the shortcut). The other splits do not
+        change with it.
     **scene_params
         Passed to :func:`make_spurious_scenes` (``classes``, ``object_scale``, ``click_noise``, ...).
 
     Returns
     -------
     splits : dict of str to Bunch
-        ``"train"``, ``"val"`` and ``"test"``, each as returned by :func:`make_spurious_scenes`.
+        ``"train"``, ``"val"`` and ``"test"`` (and ``"train_balanced"``), each as returned by
+        :func:`make_spurious_scenes`.
 
     Examples
     --------
@@ -312,9 +468,11 @@ def make_spurious_benchmark(
         raise ValueError(
             f"random_state must be an int so that the splits are reproducible, got {random_state!r}."
         )
-    k = len(tuple(scene_params.get("classes", ("chelsea", "coffee"))))
-    seeds = np.random.SeedSequence(int(random_state)).generate_state(3)
+    k = len(tuple(scene_params.get("classes", DEFAULT_SCENE_PARAMS["classes"])))
     sizes = {"train": n_train, "val": n_val, "test": n_test}
+    if n_train_balanced:
+        sizes["train_balanced"] = n_train_balanced
+    seeds = np.random.SeedSequence(int(random_state)).generate_state(len(sizes))  # prefix-stable
     return {
         name: make_spurious_scenes(
             size,
@@ -326,7 +484,9 @@ def make_spurious_benchmark(
     }
 
 
-def foreground_crops(n_samples=200, *, classes=("chelsea", "coffee"), image_size=224, random_state=None):
+def foreground_crops(
+    n_samples=200, *, classes=DEFAULT_SCENE_PARAMS["classes"], image_size=224, random_state=None
+):
     """Foreground-only images (augmented object views on a neutral grey canvas) for the decodability check.
 
     The objects go through the same augmentation as in :func:`make_spurious_scenes`, but fill most of the
@@ -337,8 +497,8 @@ def foreground_crops(n_samples=200, *, classes=("chelsea", "coffee"), image_size
     ----------
     n_samples : int, default=200
         Number of images (balanced over classes).
-    classes : sequence of str, default=("chelsea", "coffee")
-        Foreground photos, among :data:`FOREGROUNDS`.
+    classes : sequence, default=("faces", "nonfaces")
+        Foreground of each class, as in :func:`make_spurious_scenes` (names, folders or lists of images).
     image_size : int, default=224
         Side of the square images in pixels.
     random_state : int, RandomState instance or None, default=None
@@ -352,13 +512,14 @@ def foreground_crops(n_samples=200, *, classes=("chelsea", "coffee"), image_size
 
     Examples
     --------
-    >>> images, y = foreground_crops(4, image_size=32, random_state=0)
+    >>> images, y = foreground_crops(4, classes=("chelsea", "coffee"), image_size=32, random_state=0)
     >>> images.shape, sorted(set(y.tolist()))
     ((4, 32, 32, 3), [0, 1])
     """
     if not isinstance(n_samples, numbers.Integral) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
-    photos = [_load_photos(name) for name in classes]
+    classes = _check_sources(classes, [f"b{i}" for i in range(len(tuple(classes)))])[0]
+    photos = [_load_photos(spec) for spec in classes]
     rng = np.random.default_rng(check_random_state(random_state).randint(np.iinfo(np.int32).max))
     y = rng.permutation(np.arange(n_samples) % len(photos))
     images = np.full((n_samples, image_size, image_size, 3), 127, dtype=np.uint8)
