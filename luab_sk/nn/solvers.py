@@ -1,0 +1,833 @@
+"""Convex solvers for the linear multitask probe (pure torch).
+
+The linear head computes ``W2 @ W1 @ x + b``: a shared bottleneck ``W1`` read by the label rows and the
+byproduct rows of ``W2``. With ``alpha / 2 * (||W1||^2 + ||W2||^2)`` on the two factors and a free rank
+(``rank >= min(n_outputs + k, d)``), the training problem is equivalent to a *convex* one in the product
+``M = W2 @ W1`` (the label rows stacked over the byproduct rows)::
+
+    minimise  label_loss(M x + b) + byproduct_weight * masked_loss_z(M x + b) + alpha * ||M||_*
+
+(``||.||_*`` the nuclear norm: the least ``(||W1||^2 + ||W2||^2) / 2`` over factorisations of ``M`` is
+``||M||_*``). It has no spurious stationary points and needs no balancing of factors. Solvers:
+
+* :func:`fit_linear_probe` (``method="lbfgs"``, the default): L-BFGS on ``M`` in whitened coordinates
+  (``M = V L^-1`` with ``L L^T = cov + alpha I``: the loss Hessian is close to the identity in ``V``)
+  with the nuclear norm smoothed as ``sum_i sqrt(sigma_i^2 + eps^2)``, ``eps = tol / 10``, from a ridge
+  start (without Z). It stops on an exact optimality measure of the *non-smooth* objective: the largest
+  entry of the prox-gradient ``G = M - prox_{alpha ||.||_*}(M - grad f(M))`` (unit step) and of the bias
+  gradient, at most ``tol`` (for a smooth objective ``G`` is the gradient: scikit-learn's ``gtol`` rule
+  of ``LogisticRegression(solver="lbfgs")`` carried over to the non-smooth problem; ``G = 0`` exactly at
+  the optimum), together with the quasi-Newton estimate of the remaining decrease
+  ``g^T H^-1 g / 2 <= tol`` (on flat, high-dimensional probes a small gradient alone left objective gaps
+  4x LogisticRegression's). When it stalls (the smoothed kinks of a low-rank optimum, or float32
+  round-off), exact proximal steps (below, in float64) finish the job.
+* ``method="apg"``: accelerated proximal gradient (FISTA with backtracking and function-value restart),
+  singular-value shrinkage as the prox. Also used, with a hard rank cap on the prox, when ``rank`` is
+  smaller than ``min(n_outputs + k, d)`` (then the problem is rank constrained and no longer convex).
+* :func:`fit_linear_probe_minibatch`: mini-batch Adam with a warm-up + cosine schedule that streams X
+  in contiguous batches from any sliceable array (a ``numpy.memmap`` is read batch by batch, never copied
+  whole), for probes too large for full-batch solvers.
+
+:func:`probe_optimality` measures any ``(M, b)`` (for example a trained head's product of factors) on
+the same scale, and :meth:`LinearProbeFit.load_into` splits ``M = U S V^T`` into the head's two factors
+(``W1 = S^1/2 V^T``, ``W2 = U S^1/2``: the balanced factorisation whose L2 penalty equals
+``alpha * ||M||_*``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "LinearProbeFit",
+    "LinearProbeLoss",
+    "fit_linear_probe",
+    "fit_linear_head",
+    "fit_linear_probe_minibatch",
+    "nuclear_prox",
+    "probe_optimality",
+]
+
+TASKS = ("multiclass", "binary", "multilabel")
+REGRESSION_LOSSES = ("smooth_l1", "l2", "l1")
+_HISTORY = 20
+_ARMIJO = 1e-4
+_MAX_BACKTRACK = 40
+_STALL_ITERATIONS = 5
+_STALL_EPS_FACTOR = 16.0
+
+
+# --------------------------------------------------------------------------------------------- loss
+class LinearProbeLoss:
+    """Value and gradient of the probe's smooth part at ``(M, b)``, computed by hand (no autograd).
+
+    ``f(M, b) = label_loss(out[:, :K]) + byproduct_weight * masked_loss(out[:, K:], z)``,
+    ``out = x M^T + b``, with the conventions of :func:`luab_sk.nn.multitask_loss` (weighted means; Z's
+    loss averaged over its observed elements, NaN masked; smooth L1 is Huber with threshold ``beta``).
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+    y : Tensor
+        Class indices (n,) for ``"multiclass"``, 0/1 (n,) for ``"binary"``, 0/1 (n, K) for ``"multilabel"``.
+    z : Tensor of shape (n, k), optional
+        NaN for missing elements. Ignored when ``byproduct_weight == 0``.
+    sample_weight : Tensor of shape (n,), optional
+    task : {"multiclass", "binary", "multilabel"}
+    n_outputs : int
+        Label scores K (1 for binary).
+    byproduct_weight : float
+    byproduct_loss : {"smooth_l1", "l2", "l1"}
+    beta : float
+        Smooth-L1 threshold.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        z: Tensor | None = None,
+        sample_weight: Tensor | None = None,
+        *,
+        task: str = "multiclass",
+        n_outputs: int | None = None,
+        byproduct_weight: float = 1.0,
+        byproduct_loss: str = "smooth_l1",
+        beta: float = 1.0,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+        if byproduct_loss not in REGRESSION_LOSSES:
+            raise ValueError(f"byproduct_loss must be one of {REGRESSION_LOSSES}, got {byproduct_loss!r}.")
+        if x.ndim != 2:
+            raise ValueError(f"x must have shape (n, d), got {tuple(x.shape)}.")
+        n, dtype = x.shape[0], x.dtype
+        self.x, self.task, self.beta, self.kind = x, task, float(beta), byproduct_loss
+        w = x.new_ones(n) if sample_weight is None else sample_weight.to(device=x.device, dtype=dtype)
+        if task == "multiclass":
+            self.y = y.to(x.device).long()
+            self.n_outputs = int(n_outputs if n_outputs is not None else int(self.y.max()) + 1)
+            self.label_w = (w / w.sum())[:, None]
+        else:
+            target = y.to(device=x.device, dtype=dtype).reshape(n, -1)
+            self.y = target
+            self.n_outputs = target.shape[1]
+            self.label_w = (w / w.sum())[:, None] / target.shape[1]
+        self.use_z = z is not None and float(byproduct_weight) > 0 and z.shape[1] > 0
+        self.n_byproducts = z.shape[1] if self.use_z else 0
+        if self.use_z:
+            z = z.to(device=x.device, dtype=dtype)
+            mask = ~torch.isnan(z)
+            self.z = torch.where(mask, z, torch.zeros((), dtype=dtype, device=x.device))
+            omega = mask.to(dtype) * w[:, None]
+            self.z_w = float(byproduct_weight) * omega / omega.sum().clamp_min(torch.finfo(dtype).tiny)
+        self.n_rows = self.n_outputs + self.n_byproducts
+
+    def __call__(self, M: Tensor, b: Tensor, grad: bool = True):
+        """``f`` (a float), and when ``grad``: ``(f, grad_M, grad_b)``."""
+        out = torch.addmm(b, self.x, M.T)
+        K = self.n_outputs
+        logits = out[:, :K]
+        if self.task == "multiclass":
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)
+            picked = logits.gather(1, self.y[:, None])
+            value = (self.label_w * (lse - picked)).sum(dtype=torch.float64)
+            if grad:
+                g_label = torch.exp(logits - lse)
+                g_label.scatter_add_(1, self.y[:, None], -torch.ones_like(picked))
+                g_label.mul_(self.label_w)
+        else:
+            value = (self.label_w * (F.softplus(logits) - self.y * logits)).sum(dtype=torch.float64)
+            if grad:
+                g_label = (torch.sigmoid(logits) - self.y).mul_(self.label_w)
+        if self.use_z:
+            r = out[:, K:] - self.z
+            if self.kind == "smooth_l1":
+                a = r.abs()
+                values = torch.where(a < self.beta, 0.5 * r * r / self.beta, a - 0.5 * self.beta)
+                deriv = (r / self.beta).clamp_(-1.0, 1.0) if grad else None
+            elif self.kind == "l2":
+                values, deriv = r * r, (2.0 * r if grad else None)
+            else:
+                values, deriv = r.abs(), (torch.sign(r) if grad else None)
+            value = value + (self.z_w * values).sum(dtype=torch.float64)
+            if grad:
+                g = torch.cat([g_label, deriv.mul_(self.z_w)], dim=1)
+        elif grad:
+            g = g_label
+        if not grad:
+            return float(value)
+        return float(value), g.T @ self.x, g.sum(0)
+
+
+# ----------------------------------------------------------------------------------- nuclear norm
+def nuclear_prox(M: Tensor, threshold: float, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """Singular-value shrinkage ``prox_{threshold ||.||_*}(M)`` (then the top ``rank`` values kept).
+
+    Computed in float64 and returned in ``M``'s dtype, with the shrunk singular values (float64).
+
+    Examples
+    --------
+    >>> import torch
+    >>> P, s = nuclear_prox(torch.diag(torch.tensor([3.0, 1.0, 0.5])), 0.75)
+    >>> [round(v, 2) for v in s.tolist()]
+    [2.25, 0.25, 0.0]
+    """
+    u, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
+    s = (s - threshold).clamp_min(0.0)
+    if rank is not None:
+        s[rank:] = 0.0
+    return ((u * s) @ vh).to(M.dtype), s
+
+
+def _smoothed_nuclear(M: Tensor, eps: float) -> tuple[float, Tensor]:
+    """``sum_i sqrt(sigma_i^2 + eps^2) - eps * min(m, d)`` and its gradient (float64 eigen-solve)."""
+    m64 = M.to(torch.float64)
+    wide = M.shape[0] <= M.shape[1]
+    gram = m64 @ m64.T if wide else m64.T @ m64
+    evals, vecs = torch.linalg.eigh(gram)
+    s = (evals.clamp_min(0.0) + eps * eps).sqrt()
+    inv = (vecs / s) @ vecs.T
+    grad = inv @ m64 if wide else m64 @ inv
+    return float(s.sum() - eps * s.numel()), grad.to(M.dtype)
+
+
+def probe_optimality(
+    loss: LinearProbeLoss, M: Tensor, b: Tensor, alpha: float, rank: int | None = None
+) -> tuple[float, float]:
+    """Objective ``f + alpha ||M||_*`` and the largest entry of the prox-gradient (unit step).
+
+    The prox-gradient is ``G = M - prox_{alpha ||.||_*}(M - grad_M f)`` together with ``grad_b f``
+    (biases are not penalised): zero exactly at a minimiser; for a smooth objective it is the gradient,
+    so ``max |G| <= tol`` is scikit-learn's ``gtol`` rule for the non-smooth problem.
+    """
+    f, g_m, g_b = loss(M, b)
+    P, _ = nuclear_prox(M - g_m, alpha, rank)
+    nuclear = float(torch.linalg.matrix_norm(M.to(torch.float64), ord="nuc"))
+    G = float((M - P).abs().max()) if M.numel() else 0.0
+    return f + alpha * nuclear, max(G, float(g_b.abs().max()))
+
+
+# -------------------------------------------------------------------------------------- result
+@dataclass
+class LinearProbeFit:
+    """A trained linear probe ``out = M x + b`` (label rows first), and how the solver ended.
+
+    Attributes
+    ----------
+    coef : Tensor of shape (K + k, d)
+        ``M``: the product ``W2 @ W1`` of the head.
+    intercept : Tensor of shape (K + k,)
+    n_outputs : int
+        Label rows K.
+    n_iter : int
+    converged : bool
+        The optimality measure (:func:`probe_optimality`) reached ``tol``.
+    objective : float
+        ``f + alpha ||M||_*`` at the solution.
+    optimality : float
+        Largest prox-gradient entry at the solution.
+    loss_curve : list of float
+        Objective per iteration (smoothed objective for ``"lbfgs"``).
+    method : str
+    """
+
+    coef: Tensor
+    intercept: Tensor
+    n_outputs: int
+    n_iter: int
+    converged: bool
+    objective: float
+    optimality: float
+    loss_curve: list = field(default_factory=list)
+    method: str = "lbfgs"
+
+    def factors(self, rank: int | None = None) -> dict[str, Tensor]:
+        """Balanced factors ``W1 = S^1/2 V^T`` (rank x d), ``W2 = U S^1/2`` (rows x rank) of ``coef``.
+
+        ``rank`` defaults to ``min(rows, d)``; directions beyond the rank of ``coef`` are zero, and when
+        ``rank`` is smaller than the rank of ``coef`` the smallest singular values are dropped.
+        """
+        M = self.coef
+        rank = min(M.shape) if rank is None else int(rank)
+        u, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
+        keep = min(rank, s.numel())
+        root = s[:keep].sqrt()
+        w1 = M.new_zeros(rank, M.shape[1])
+        w2 = M.new_zeros(M.shape[0], rank)
+        w1[:keep] = (root[:, None] * vh[:keep]).to(M.dtype)
+        w2[:, :keep] = (u[:, :keep] * root).to(M.dtype)
+        K = self.n_outputs
+        out = {
+            "trunk.weight": w1,
+            "label_head.weight": w2[:K],
+            "label_head.bias": self.intercept[:K].clone(),
+        }
+        if M.shape[0] > K:
+            out["byproduct_head.weight"] = w2[K:]
+            out["byproduct_head.bias"] = self.intercept[K:].clone()
+        return out
+
+    def load_into(self, head) -> None:
+        """Copy the balanced factors into a linear :class:`~luab_sk.nn.PooledHead` (in place).
+
+        The head's byproduct head, if any, is zeroed when the probe was fitted without byproducts.
+        """
+        if getattr(head, "kind", None) != "linear":
+            raise ValueError("load_into needs a PooledHead of kind='linear'.")
+        params = self.factors(head.trunk.out_features)
+        with torch.no_grad():
+            for name, value in params.items():
+                if name.startswith("byproduct_head") and head.byproduct_head is None:
+                    continue
+                target = head.get_parameter(name)
+                target.copy_(value.to(device=target.device, dtype=target.dtype))
+            if head.byproduct_head is not None and "byproduct_head.weight" not in params:
+                head.byproduct_head.weight.zero_()
+                head.byproduct_head.bias.zero_()
+
+
+# ---------------------------------------------------------------------------------- full batch
+def _start(loss: LinearProbeLoss) -> tuple[Tensor, Tensor]:
+    """``M = 0`` and the biases of the best constant model (class log-frequencies, Z's means)."""
+    x = loss.x
+    M = x.new_zeros(loss.n_rows, x.shape[1])
+    K = loss.n_outputs
+    if loss.task == "multiclass":
+        freq = (loss.label_w[:, 0][:, None] * F.one_hot(loss.y, K).to(x.dtype)).sum(0)
+        b_label = (freq + 1.0 / x.shape[0]).log()
+        b_label = b_label - b_label.mean()
+    else:
+        p = (loss.label_w * loss.y).sum(0) * loss.y.shape[1]
+        p = p.clamp(1e-6, 1 - 1e-6)
+        b_label = (p / (1 - p)).log()
+    parts = [b_label]
+    if loss.use_z:
+        counts = (loss.z_w > 0).to(x.dtype) * loss.z_w
+        parts.append((counts * loss.z).sum(0) / counts.sum(0).clamp_min(torch.finfo(x.dtype).tiny))
+    return M, torch.cat(parts)
+
+
+def fit_linear_probe(
+    x: Tensor,
+    y: Tensor,
+    z: Tensor | None = None,
+    sample_weight: Tensor | None = None,
+    *,
+    task: str = "multiclass",
+    n_outputs: int | None = None,
+    alpha: float = 1e-4,
+    byproduct_weight: float = 1.0,
+    byproduct_loss: str = "smooth_l1",
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    rank: int | None = None,
+    method: str = "lbfgs",
+    whiten: bool | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    init: tuple[Tensor, Tensor] | None = None,
+    verbose: int = 0,
+) -> LinearProbeFit:
+    """Fit the linear multitask probe by its convex nuclear-norm form (see the module docstring).
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, d)
+        Features (the estimator passes them standardised).
+    y, z, sample_weight, task, n_outputs, byproduct_weight, byproduct_loss
+        As for :class:`LinearProbeLoss`. ``byproduct_weight=0`` (or ``z=None``) ignores Z entirely.
+    alpha : float, default=1e-4
+        Nuclear-norm strength (the factored head's ``alpha / 2`` on both factors).
+    tol : float, default=1e-4
+        Stop when the largest prox-gradient entry (:func:`probe_optimality`) is at most ``tol`` (and, for
+        L-BFGS, the quasi-Newton estimate of the remaining decrease is at most ``tol``).
+    max_iter : int, default=200
+        Iterations (each one gradient evaluation plus line-search trials, usually none).
+    rank : int, optional
+        Rank cap of the head's bottleneck; a cap below ``min(rows, d)`` switches to rank-capped APG.
+    method : {"lbfgs", "apg"}, default="lbfgs"
+    whiten : bool, optional
+        L-BFGS in whitened coordinates; None: when ``n >= d`` (the covariance is then worth its cost).
+    device, dtype : optional
+        Where and in which precision to solve (default: x's).
+    init : (M, b), optional
+        Starting point (default: ``M = 0`` and the best constant biases).
+    verbose : int, default=0
+
+    Returns
+    -------
+    LinearProbeFit
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(300, 5, generator=g, dtype=torch.float64); y = (x[:, 0] > 0).long()
+    >>> fit = fit_linear_probe(x, y, task="multiclass", n_outputs=2, alpha=1e-3, tol=1e-8, max_iter=500)
+    >>> fit.converged, fit.optimality <= 1e-8
+    (True, True)
+    """
+    if method not in ("lbfgs", "apg"):
+        raise ValueError(f"method must be 'lbfgs' or 'apg', got {method!r}.")
+    if alpha < 0 or tol <= 0 or max_iter < 1:
+        raise ValueError("need alpha >= 0, tol > 0 and max_iter >= 1.")
+    device = x.device if device is None else torch.device(device)
+    dtype = x.dtype if dtype is None else dtype
+
+    def move(t):
+        return None if t is None else t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    x = move(x)
+    loss = LinearProbeLoss(
+        x,
+        y.to(device),
+        move(z),
+        move(sample_weight),
+        task=task,
+        n_outputs=n_outputs,
+        byproduct_weight=byproduct_weight,
+        byproduct_loss=byproduct_loss,
+    )
+    full_rank = min(loss.n_rows, x.shape[1])
+    capped = rank is not None and rank < full_rank
+    M, b = _start(loss) if init is None else (move(init[0]).clone(), move(init[1]).clone())
+    if method == "apg" or capped:
+        if method == "lbfgs" and capped:  # convex solve first, then the rank-capped polish
+            first = _lbfgs(loss, M, b, alpha, tol, max_iter, whiten, verbose)
+            M, b = nuclear_prox(first.coef, 0.0, rank)[0], first.intercept
+            fit = _apg(loss, M, b, alpha, tol, max(1, max_iter - first.n_iter), rank, verbose)
+            fit.n_iter += first.n_iter
+            fit.loss_curve = first.loss_curve + fit.loss_curve
+            fit.method = "lbfgs+apg(rank cap)"
+            return fit
+        return _apg(loss, M, b, alpha, tol, max_iter, rank if capped else None, verbose)
+    fit = _lbfgs(loss, M, b, alpha, tol, max_iter, whiten, verbose)
+    if not fit.converged and fit.n_iter < max_iter:
+        # L-BFGS stalled on the smoothed kinks of a low-rank optimum (or on float32 round-off): polish
+        # with exact prox steps, in float64 (float32 round-off stalls the backtracking near the optimum)
+        if x.dtype != torch.float64:
+            loss = LinearProbeLoss(
+                x.double(),
+                y.to(device),
+                None if z is None else z.to(device=device, dtype=torch.float64),
+                None if sample_weight is None else sample_weight.to(device=device, dtype=torch.float64),
+                task=task,
+                n_outputs=n_outputs,
+                byproduct_weight=byproduct_weight,
+                byproduct_loss=byproduct_loss,
+            )
+        polish = _apg(
+            loss, fit.coef.double(), fit.intercept.double(), alpha, tol, max_iter - fit.n_iter, None, verbose
+        )
+        polish.coef, polish.intercept = polish.coef.to(dtype), polish.intercept.to(dtype)
+        polish.n_iter += fit.n_iter
+        polish.loss_curve = fit.loss_curve + polish.loss_curve
+        polish.method = "lbfgs+apg"
+        fit = polish
+    return fit
+
+
+def _lbfgs(
+    loss, M0, b0, alpha, tol, max_iter, whiten, verbose, history=_HISTORY, gap_scale=1.0, warm=True
+) -> LinearProbeFit:
+    x = loss.x
+    n, d = x.shape
+    m = loss.n_rows
+    eps = 0.1 * tol
+    if whiten is None:
+        whiten = n >= d
+    factor = None
+    if whiten:
+        w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+        mean = w @ x
+        xc = x - mean
+        cov = (xc.T @ (xc * w[:, None])).to(torch.float64)
+        ridge = max(alpha, 1e-6 * float(cov.diagonal().mean()), 1e-12)
+        cov.diagonal().add_(ridge)
+        factor = torch.linalg.cholesky(cov).to(x.dtype)  # L, L L^T = cov + ridge I
+
+    def to_m(v):  # M = V L^-1
+        return v if factor is None else torch.linalg.solve_triangular(factor, v, upper=False, left=False)
+
+    def to_v(mm):  # V = M L
+        return mm if factor is None else mm @ factor
+
+    def grad_v(g_m):  # dV = dM L^-T
+        if factor is None:
+            return g_m
+        return torch.linalg.solve_triangular(factor, g_m.T, upper=False).T
+
+    last = {}
+
+    def fun(theta):
+        v, b = theta[: m * d].view(m, d), theta[m * d :]
+        M = to_m(v)
+        f, g_m, g_b = loss(M, b)
+        h, g_h = _smoothed_nuclear(M, eps) if alpha > 0 else (0.0, None)
+        g_total = g_m if g_h is None else g_m + alpha * g_h
+        g_v = grad_v(g_total)
+        last.update(M=M, b=b, g_m=g_m, g_b=g_b, g_total=g_total, g_v=g_v)
+        return f + alpha * h, torch.cat([g_v.reshape(-1), g_b])
+
+    def optimal():
+        # Screen first: the smoothed gradient, in M's coordinates and (when whitening) in the whitened
+        # ones. On embeddings whose variance sits in a few directions, a unit-step gradient in M's
+        # coordinates is tiny along the weak directions long before the objective has converged there;
+        # the whitened gradient (scale-free, like a Newton decrement) is not.
+        screen = [last["g_total"], last["g_b"]] + ([last["g_v"]] if factor is not None else [])
+        if max(float(t.abs().max()) for t in screen) > tol:
+            return None
+        P, _ = nuclear_prox(last["M"] - last["g_m"], alpha)
+        value = max(float((last["M"] - P).abs().max()), float(last["g_b"].abs().max()))
+        return value
+
+    # A ridge start saves a quarter of the iterations without Z; with Z it measured slower than 0.
+    if warm and factor is not None and not loss.use_z and not bool(M0.any()):
+        M0, b0 = _ridge_start(loss, b0, mean, factor)
+    theta = torch.cat([to_v(M0).reshape(-1), b0])
+    f, g = fun(theta)
+    curve, s_hist, y_hist, rho_hist = [f], [], [], []
+    stalled, n_iter = 0, 0
+    stall_tol = _STALL_EPS_FACTOR * torch.finfo(x.dtype).eps
+
+    def two_loop(g):
+        q = -g
+        alphas = []
+        for s, yv, rho in zip(reversed(s_hist), reversed(y_hist), reversed(rho_hist)):
+            a = rho * float(s @ q)
+            alphas.append(a)
+            q = q - a * yv
+        if y_hist:
+            q = q * (float(s_hist[-1] @ y_hist[-1]) / float(y_hist[-1] @ y_hist[-1]))
+        for (s, yv, rho), a in zip(zip(s_hist, y_hist, rho_hist), reversed(alphas)):
+            q = q + (a - rho * float(yv @ q)) * s
+        return q
+
+    direction = two_loop(g)
+    while n_iter < max_iter:
+        # Stop rule: the prox-gradient test (tol) and, once L-BFGS has curvature pairs, the quasi-Newton
+        # estimate of the remaining decrease, g^T H^-1 g / 2 <= tol: on flat, high-dimensional problems
+        # a small gradient alone still leaves a large objective gap.
+        decrement = -0.5 * float(g @ direction) if y_hist else math.inf
+        if decrement <= tol * gap_scale:
+            value = optimal()
+            if value is not None and value <= tol:
+                break
+        n_iter += 1
+        gtd = float(g @ direction)
+        if not gtd < 0:
+            s_hist.clear(), y_hist.clear(), rho_hist.clear()
+            direction, gtd = -g, -float(g @ g)
+        # unit steps once the memory scales the direction; a cautious first step (as torch's LBFGS)
+        step = 1.0 if y_hist else min(1.0, 1.0 / max(float(g.abs().sum()), 1e-12))
+        for _ in range(_MAX_BACKTRACK):
+            candidate = theta + step * direction
+            f_new, g_new = fun(candidate)
+            if math.isfinite(f_new) and f_new <= f + _ARMIJO * step * gtd:
+                break
+            # quadratic interpolation of the step, kept within [0.1, 0.5] of the last one
+            shrink = 0.5 if not math.isfinite(f_new) else -0.5 * gtd * step / (f_new - f - gtd * step)
+            step *= max(0.1, min(0.5, shrink))
+        else:
+            break  # no decrease possible at this precision
+        s_vec, y_vec = candidate - theta, g_new - g
+        sy = float(s_vec @ y_vec)
+        if sy > 1e-10 * float(y_vec @ y_vec):
+            if len(s_hist) == history:
+                s_hist.pop(0), y_hist.pop(0), rho_hist.pop(0)
+            s_hist.append(s_vec), y_hist.append(y_vec), rho_hist.append(1.0 / sy)
+        stalled = stalled + 1 if f - f_new <= stall_tol * max(abs(f_new), 1.0) else 0
+        theta, f, g = candidate, f_new, g_new
+        curve.append(f)
+        if verbose:
+            print(f"lbfgs iter {n_iter}: objective {f:.8g}")
+        direction = two_loop(g)
+        if stalled >= _STALL_ITERATIONS:
+            break
+    M, b = last_point(theta, m, d, to_m)
+    objective, optimality = probe_optimality(loss, M, b, alpha)
+    return LinearProbeFit(
+        M, b, loss.n_outputs, n_iter, optimality <= tol, objective, optimality, curve, "lbfgs"
+    )
+
+
+def _ridge_start(loss: LinearProbeLoss, b0: Tensor, mean: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Ridge regression of the centred label indicators on x, rescaled to logits (byproduct rows: 0).
+
+    One pass over x (``x^T T``) and a Cholesky solve with the whitening factor already computed; the
+    logit scale and label biases are fitted on an evenly strided subsample (:func:`_fit_logit_scale`).
+    """
+    from .init import _fit_logit_scale  # a sibling helper (no cycle: init does not import solvers)
+
+    x = loss.x
+    w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+    K = loss.n_outputs
+    if loss.task == "multiclass":
+        t = F.one_hot(loss.y, K).to(x.dtype)
+    else:
+        t = loss.y
+    t_mean = w @ t
+    cross = ((x - mean).T @ ((t - t_mean) * w[:, None])).to(torch.float64)
+    coef = torch.cholesky_solve(cross, factor.to(torch.float64)).T.to(x.dtype)  # (m, d)
+    rows = slice(None, None, max(1, x.shape[0] // 8192))
+    scores = (x[rows] - mean) @ coef[:K].T
+    y_rows = loss.y[rows].reshape(-1) if loss.task == "binary" else loss.y[rows]
+    scale, bias = _fit_logit_scale(scores, y_rows, loss.task, 0.0, None)
+    M = x.new_zeros(loss.n_rows, x.shape[1])
+    M[:K] = coef * scale
+    b = b0.clone()
+    b[:K] = bias.to(x.dtype) - M[:K] @ mean
+    return M, b  # the byproduct rows start at zero (a ridge start for them measured slower)
+
+
+def last_point(theta, m, d, to_m):
+    return to_m(theta[: m * d].view(m, d)).clone(), theta[m * d :].clone()
+
+
+def _apg(loss, M, b, alpha, tol, max_iter, rank, verbose) -> LinearProbeFit:
+    """FISTA with backtracking (Beck & Teboulle 2009) and function-value restart (O'Donoghue & Candes)."""
+    lipschitz = 1.0
+    f, g_m, g_b = loss(M, b)
+    F_cur = f + alpha * float(torch.linalg.matrix_norm(M.to(torch.float64), ord="nuc"))
+    yM, yb, fy, gy_m, gy_b = M, b, f, g_m, g_b
+    t = 1.0
+    curve, converged, n_iter = [F_cur], False, 0
+    while n_iter < max_iter:
+        n_iter += 1
+        for _ in range(60):
+            newM, s = nuclear_prox(yM - gy_m / lipschitz, alpha / lipschitz, rank)
+            newb = yb - gy_b / lipschitz
+            dM, db = newM - yM, newb - yb
+            f_new, gn_m, gn_b = loss(newM, newb)
+            quad = fy + float((gy_m * dM).sum() + (gy_b * db).sum())
+            quad += 0.5 * lipschitz * float((dM * dM).sum() + (db * db).sum())
+            if f_new <= quad + 1e-12 * abs(quad):
+                break
+            lipschitz *= 2.0
+        F_new = f_new + alpha * float(s.sum())
+        curve.append(F_new)
+        if verbose:
+            print(f"apg iter {n_iter}: objective {F_new:.8g}, L {lipschitz:.3g}")
+        # optimality at the new point (unit-step prox-gradient)
+        P, _ = nuclear_prox(newM - gn_m, alpha, rank)
+        if max(float((newM - P).abs().max()), float(gn_b.abs().max())) <= tol:
+            M, b, converged = newM, newb, True
+            break
+        if F_new > F_cur:  # restart momentum
+            t = 1.0
+            yM, yb, fy, gy_m, gy_b = newM, newb, f_new, gn_m, gn_b
+        else:
+            t_next = 0.5 * (1 + math.sqrt(1 + 4 * t * t))
+            mom = (t - 1) / t_next
+            yM, yb = newM + mom * (newM - M), newb + mom * (newb - b)
+            t = t_next
+            fy, gy_m, gy_b = loss(yM, yb) if mom else (f_new, gn_m, gn_b)
+        M, b, F_cur = newM, newb, F_new
+        lipschitz *= 0.9
+    objective, optimality = probe_optimality(loss, M, b, alpha, rank)
+    return LinearProbeFit(M, b, loss.n_outputs, n_iter, converged, objective, optimality, curve, "apg")
+
+
+def fit_linear_head(
+    head,
+    x: Tensor,
+    y: Tensor,
+    z: Tensor | None = None,
+    sample_weight: Tensor | None = None,
+    *,
+    task: str,
+    alpha: float,
+    byproduct_weight: float = 1.0,
+    byproduct_loss: str = "smooth_l1",
+    tol: float = 1e-4,
+    max_iter: int = 200,
+    device: str | torch.device | None = None,
+    warm_start: bool = False,
+    verbose: int = 0,
+) -> LinearProbeFit:
+    """Train a linear :class:`~luab_sk.nn.PooledHead` in place by its convex form; the estimator's hook.
+
+    ``x`` standardised features, ``y`` encoded labels (class indices, or 0/1), ``z`` standardised
+    byproducts with NaN for missing (ignored when the head has no byproduct head or the weight is 0).
+    The objective equals the head's ``label + byproduct_weight * byproduct loss + alpha / 2 * (squared
+    norms of its weight matrices)`` at the balanced factorisation that :meth:`LinearProbeFit.load_into`
+    writes; the head's bottleneck width is the rank cap. ``warm_start`` starts from the head's current
+    product of factors instead of the ridge start. Returns the fit (``n_iter``, ``converged``,
+    ``loss_curve``, ``objective``, ``optimality``).
+    """
+    device = x.device if device is None else torch.device(device)
+    use_z = z is not None and head.byproduct_head is not None and byproduct_weight > 0
+    init = None
+    if warm_start:  # continue from the head's current map (its product of factors)
+        with torch.no_grad():
+            heads = [head.label_head] + ([head.byproduct_head] if use_z else [])
+            init = (
+                torch.cat([h.weight for h in heads]) @ head.trunk.weight,
+                torch.cat([h.bias for h in heads]),
+            )
+            init = tuple(t.detach().to(device=device, dtype=x.dtype) for t in init)
+    fit = fit_linear_probe(
+        x,
+        y,
+        z if use_z else None,
+        sample_weight,
+        task=task,
+        n_outputs=head.label_head.out_features,
+        alpha=float(alpha),
+        byproduct_weight=float(byproduct_weight) if use_z else 0.0,
+        byproduct_loss=byproduct_loss,
+        tol=float(tol),
+        max_iter=int(max_iter),
+        rank=head.trunk.out_features,
+        device=device,
+        init=init,
+        verbose=verbose,
+    )
+    fit.load_into(head)
+    return fit
+
+
+# ---------------------------------------------------------------------------------- mini-batch
+def fit_linear_probe_minibatch(
+    X,
+    y: np.ndarray,
+    z: np.ndarray | None = None,
+    sample_weight: np.ndarray | None = None,
+    *,
+    mean: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+    task: str = "multiclass",
+    n_outputs: int | None = None,
+    alpha: float = 1e-4,
+    byproduct_weight: float = 1.0,
+    byproduct_loss: str = "smooth_l1",
+    penalty: str = "auto",
+    batch_size: int = 4096,
+    max_epochs: int = 10,
+    learning_rate: float = 1e-2,
+    warmup: float = 0.05,
+    prox_every: int = 50,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    callback: Callable[[int, Tensor, Tensor], bool] | None = None,
+) -> LinearProbeFit:
+    """Mini-batch Adam on ``(M, b)``, streaming X from a sliceable array (e.g. a ``numpy.memmap``).
+
+    Each step reads one contiguous block ``X[start:start + batch_size]`` (blocks visited in a seeded
+    random order every epoch), converts only that block to a tensor on ``device`` and standardises it
+    there with ``mean`` / ``scale``: memory is one batch plus the parameters and Adam's two moments;
+    X itself is never copied. The step size follows a linear warm-up (``warmup`` of the steps) and a
+    cosine decay to zero over ``max_epochs``.
+
+    Penalty: ``"l2"`` adds ``alpha / 2 ||M||_F^2`` to the gradient (LogisticRegression's objective);
+    ``"nuclear"`` applies singular-value shrinkage of ``alpha`` times the steps' learning rates every
+    ``prox_every`` steps (a stochastic proximal heuristic; it is what ties the byproduct rows to the label
+    rows). ``"auto"``: nuclear when Z is used, L2 otherwise.
+
+    ``callback(epoch, M, b)`` runs after every epoch; returning True stops training (used to time the
+    epochs until a target accuracy is reached). Rows of Z that are all NaN contribute no Z loss.
+
+    Returns
+    -------
+    LinearProbeFit
+        ``converged`` is True when the callback stopped training; ``objective`` and ``optimality`` are
+        NaN (not computed on the full data); ``loss_curve`` holds the mean batch objective per epoch.
+    """
+    if penalty not in ("auto", "l2", "nuclear"):
+        raise ValueError(f"penalty must be 'auto', 'l2' or 'nuclear', got {penalty!r}.")
+    device = torch.device(device)
+    n, d = X.shape
+    y = np.asarray(y)
+    use_z = z is not None and byproduct_weight > 0
+    if penalty == "auto":
+        penalty = "nuclear" if use_z else "l2"
+    if task == "multiclass":
+        K = int(n_outputs if n_outputs is not None else y.max() + 1)
+    else:
+        K = 1 if y.ndim == 1 else y.shape[1]
+    rows = K + (z.shape[1] if use_z else 0)
+    mean_t = torch.zeros(d, dtype=dtype, device=device)
+    scale_t = torch.ones(d, dtype=dtype, device=device)
+    if mean is not None:
+        mean_t = torch.as_tensor(mean).to(device, dtype)
+    if scale is not None:
+        scale_t = torch.as_tensor(scale).to(device, dtype)
+    M = torch.zeros(rows, d, dtype=dtype, device=device, requires_grad=False)
+    b = torch.zeros(rows, dtype=dtype, device=device)
+    # Prior biases from the labels (cheap, labels are small).
+    if task == "multiclass":
+        counts = np.bincount(y.astype(np.int64), minlength=K).astype(np.float64) + 1.0
+        b[:K] = torch.as_tensor(np.log(counts) - np.log(counts).mean(), dtype=dtype)
+    if use_z:
+        b[K:] = torch.as_tensor(np.nan_to_num(np.nanmean(z, axis=0)), dtype=dtype)
+    params = [M, b]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=learning_rate)
+    n_blocks = math.ceil(n / batch_size)
+    total = n_blocks * max_epochs
+    n_warm = max(1, int(warmup * total))
+
+    def rate(step):
+        if step < n_warm:
+            return (step + 1) / n_warm
+        progress = (step - n_warm) / max(1, total - n_warm)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    generator = torch.Generator().manual_seed(seed)
+    curve, step, stopped, epoch = [], 0, False, 0
+    pending_shrink = 0.0
+    for epoch in range(1, max_epochs + 1):
+        order = torch.randperm(n_blocks, generator=generator).tolist()
+        total_loss = 0.0
+        for block in order:
+            lo, hi = block * batch_size, min(n, (block + 1) * batch_size)
+            xb = torch.from_numpy(np.ascontiguousarray(X[lo:hi], dtype=np.float32)).to(device, dtype)
+            xb = (xb - mean_t) / scale_t
+            yb = torch.as_tensor(y[lo:hi], device=device)
+            zb = None if not use_z else torch.as_tensor(z[lo:hi]).to(device, dtype)
+            wb = None if sample_weight is None else torch.as_tensor(sample_weight[lo:hi]).to(device, dtype)
+            loss = LinearProbeLoss(
+                xb,
+                yb,
+                zb,
+                wb,
+                task=task,
+                n_outputs=K,
+                byproduct_weight=byproduct_weight,
+                byproduct_loss=byproduct_loss,
+            )
+            with torch.no_grad():
+                f, g_m, g_b = loss(M.detach(), b.detach())
+                if penalty == "l2" and alpha:
+                    g_m = g_m + alpha * M
+                    f += 0.5 * alpha * float((M * M).sum())
+            M.grad, b.grad = g_m, g_b
+            lr_now = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            total_loss += f * (hi - lo)
+            if penalty == "nuclear" and alpha:
+                pending_shrink += alpha * lr_now
+                if step % prox_every == 0:
+                    with torch.no_grad():
+                        M.copy_(nuclear_prox(M.detach(), pending_shrink)[0])
+                    pending_shrink = 0.0
+        curve.append(total_loss / n)
+        if callback is not None and callback(epoch, M.detach(), b.detach()):
+            stopped = True
+            break
+    return LinearProbeFit(
+        M.detach(), b.detach(), K, epoch, stopped, float("nan"), float("nan"), curve, "minibatch-adam"
+    )

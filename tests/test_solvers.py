@@ -1,0 +1,280 @@
+"""Tests of the convex linear-probe solvers (luab_sk.nn.solvers)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from luab_sk.nn import PooledHead, label_loss, masked_regression_loss
+from luab_sk.nn.solvers import (
+    LinearProbeLoss,
+    fit_linear_probe,
+    fit_linear_probe_minibatch,
+    nuclear_prox,
+    probe_optimality,
+)
+
+
+def _data(n=240, d=12, k=3, n_classes=4, seed=0, dtype=torch.float64, missing=0.3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    x[:, 0] *= 5.0  # some ill-conditioning
+    w_true = torch.randn(n_classes, d, generator=g, dtype=dtype)
+    y = (x @ w_true.T + torch.randn(n, n_classes, generator=g, dtype=dtype)).argmax(1)
+    z = x[:, :k] * 0.5 + 0.3 * torch.randn(n, k, generator=g, dtype=dtype)
+    drop = torch.rand(n, generator=g) < missing
+    z[drop] = float("nan")
+    z[torch.rand(n, k, generator=g) < 0.1] = float("nan")
+    return x, y, z
+
+
+def _objective_autograd(M, b, x, y, z, w, alpha, bw, kind, K):
+    out = x @ M.T + b
+    value = label_loss(out[:, :K], y, "multiclass", sample_weight=w)
+    if z is not None and bw > 0:
+        value = value + bw * masked_regression_loss(out[:, K:], z, kind, sample_weight=w)
+    return value + alpha * torch.linalg.matrix_norm(M, ord="nuc")
+
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "l2", "l1"])
+def test_loss_matches_library_losses_and_autograd(kind):
+    x, y, z = _data()
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(x.shape[0], generator=g, dtype=x.dtype) + 0.1
+    M = torch.randn(4 + 3, x.shape[1], generator=g, dtype=x.dtype, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=x.dtype, requires_grad=True)
+    loss = LinearProbeLoss(x, y, z, w, n_outputs=4, byproduct_weight=0.7, byproduct_loss=kind)
+    f, g_m, g_b = loss(M.detach(), b.detach())
+    ref = _objective_autograd(M, b, x, y, z, w, 0.0, 0.7, kind, 4)
+    ref.backward()
+    assert f == pytest.approx(float(ref.detach()), rel=1e-10)
+    torch.testing.assert_close(g_m, M.grad)
+    torch.testing.assert_close(g_b, b.grad)
+
+
+def test_nuclear_prox_is_singular_value_shrinkage():
+    M = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    P, s = nuclear_prox(M, 0.75)
+    torch.testing.assert_close(P, torch.diag(torch.tensor([2.25, 0.25, 0.0], dtype=torch.float64)))
+    P, s = nuclear_prox(M, 0.75, rank=1)
+    assert int((s > 0).sum()) == 1
+
+
+def _reference_by_factored_lbfgs(x, y, z, w, alpha, bw, K, rank):
+    """Slow reference: many L-BFGS iterations on the factored form with L2 on both factors."""
+    g = torch.Generator().manual_seed(3)
+    m = K + (z.shape[1] if z is not None and bw > 0 else 0)
+    W1 = (0.1 * torch.randn(rank, x.shape[1], generator=g, dtype=x.dtype)).requires_grad_(True)
+    W2 = (0.1 * torch.randn(m, rank, generator=g, dtype=x.dtype)).requires_grad_(True)
+    b = torch.zeros(m, dtype=x.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [W1, W2, b],
+        max_iter=4000,
+        tolerance_grad=1e-12,
+        tolerance_change=0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        out = x @ (W2 @ W1).T + b
+        value = label_loss(out[:, :K], y, "multiclass", sample_weight=w)
+        if m > K:
+            value = value + bw * masked_regression_loss(out[:, K:], z, "smooth_l1", sample_weight=w)
+        value = value + 0.5 * alpha * (W1.pow(2).sum() + W2.pow(2).sum())
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return float(closure()), (W2 @ W1).detach(), b.detach()
+
+
+def test_reaches_the_factored_optimum_and_the_optimality_conditions():
+    x, y, z = _data()
+    w = torch.linspace(0.5, 1.5, x.shape[0], dtype=x.dtype)
+    alpha, bw = 0.02, 1.0
+    fit = fit_linear_probe(x, y, z, w, n_outputs=4, alpha=alpha, byproduct_weight=bw, tol=1e-7, max_iter=3000)
+    assert fit.converged and fit.optimality <= 1e-7
+    ref_value, ref_M, _ = _reference_by_factored_lbfgs(x, y, z, w, alpha, bw, 4, rank=7)
+    assert fit.objective <= ref_value + 1e-7
+    assert fit.objective == pytest.approx(ref_value, abs=1e-5)
+    # subgradient check: -grad f = alpha (U V^T + E), U^T E = 0, E V = 0, ||E||_2 <= 1
+    loss = LinearProbeLoss(x, y, z, w, n_outputs=4, byproduct_weight=bw)
+    _, g_m, g_b = loss(fit.coef, fit.intercept)
+    u, s, vh = torch.linalg.svd(fit.coef, full_matrices=False)
+    r = int((s > 1e-5).sum())
+    assert 0 < r < min(fit.coef.shape)  # the nuclear norm made it low rank here
+    U, V = u[:, :r], vh[:r].T
+    torch.testing.assert_close(U.T @ (-g_m) @ V, alpha * torch.eye(r, dtype=x.dtype), atol=1e-5, rtol=0)
+    E = (-g_m - alpha * U @ V.T) / alpha
+    assert float(torch.linalg.matrix_norm(E, ord=2)) <= 1 + 1e-4
+    assert float(g_b.abs().max()) <= 1e-6
+    # APG reaches the same optimum
+    apg = fit_linear_probe(
+        x, y, z, w, n_outputs=4, alpha=alpha, byproduct_weight=bw, tol=1e-7, max_iter=20000, method="apg"
+    )
+    assert apg.objective == pytest.approx(fit.objective, abs=1e-6)
+
+
+def test_nan_rows_of_z_are_ignored_and_weight_zero_ignores_z():
+    x, y, z = _data()
+    kw = dict(n_outputs=4, alpha=0.01, tol=1e-8, max_iter=2000)
+    fit = fit_linear_probe(x, y, z, byproduct_weight=1.0, **kw)
+    # a Z whose every element is missing contributes nothing: the label rows are the plain fit's
+    plain = fit_linear_probe(x, y, None, byproduct_weight=0.0, **kw)
+    empty = fit_linear_probe(x, y, torch.full_like(z, float("nan")), byproduct_weight=1.0, **kw)
+    torch.testing.assert_close(empty.coef[:4], plain.coef, atol=1e-5, rtol=0)
+    # NaN rows are masked, not zero targets: zeros in their place change the fit
+    zeros = torch.nan_to_num(z, nan=0.0)
+    filled = fit_linear_probe(x, y, zeros, byproduct_weight=1.0, **kw)
+    assert not torch.allclose(filled.coef, fit.coef, atol=1e-4)
+    # weight 0 ignores Z entirely, even a Z full of other values
+    other = fit_linear_probe(x, y, torch.randn_like(z), byproduct_weight=0.0, **kw)
+    assert plain.coef.shape[0] == 4 and torch.equal(plain.coef, other.coef)
+    # and Z does change the label rows when weighted
+    assert not torch.allclose(plain.coef, fit.coef[:4], atol=1e-4)
+
+
+def test_sample_weights_equal_repeated_rows():
+    x, y, z = _data(n=120)
+    kw = dict(n_outputs=4, alpha=0.01, tol=1e-8, max_iter=3000, byproduct_weight=0.5)
+    w = torch.ones(x.shape[0], dtype=x.dtype)
+    w[:30] = 2.0
+    weighted = fit_linear_probe(x, y, z, w, **kw)
+    rep = torch.cat([torch.arange(x.shape[0]), torch.arange(30)])
+    repeated = fit_linear_probe(x[rep], y[rep], z[rep], **kw)
+    torch.testing.assert_close(weighted.coef, repeated.coef, atol=1e-5, rtol=0)
+    torch.testing.assert_close(weighted.intercept, repeated.intercept, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_float64_deterministic(dtype):
+    x, y, z = _data(dtype=dtype)
+    kw = dict(n_outputs=4, alpha=0.01, byproduct_weight=1.0, tol=1e-4, max_iter=500)
+    a = fit_linear_probe(x, y, z, **kw)
+    b = fit_linear_probe(x, y, z, **kw)
+    assert a.coef.dtype == dtype and a.converged
+    assert torch.equal(a.coef, b.coef) and torch.equal(a.intercept, b.intercept)
+    ref = fit_linear_probe(x.double(), y, z.double(), **{**kw, "tol": 1e-8, "max_iter": 3000})
+    assert a.objective == pytest.approx(ref.objective, abs=1e-4)
+
+
+def test_load_into_head_reproduces_the_map_and_balanced_penalty():
+    x, y, z = _data()
+    alpha = 0.02
+    fit = fit_linear_probe(x, y, z, n_outputs=4, alpha=alpha, byproduct_weight=1.0, tol=1e-8, max_iter=2000)
+    head = PooledHead(x.shape[1], 4, 3, kind="linear", hidden_size=7).double()
+    fit.load_into(head)
+    out = head(x)
+    torch.testing.assert_close(out.logits, x @ fit.coef[:4].T + fit.intercept[:4])
+    torch.testing.assert_close(out.byproducts, x @ fit.coef[4:].T + fit.intercept[4:])
+    l2 = sum(float(p.pow(2).sum()) for n, p in head.named_parameters() if n.endswith("weight"))
+    nuc = float(torch.linalg.matrix_norm(fit.coef, ord="nuc"))
+    assert 0.5 * l2 == pytest.approx(nuc, rel=1e-8)
+
+
+def test_rank_cap_gives_low_rank_solution():
+    x, y, z = _data()
+    fit = fit_linear_probe(
+        x, y, z, n_outputs=4, alpha=1e-3, byproduct_weight=1.0, tol=1e-5, max_iter=2000, rank=2
+    )
+    assert int((torch.linalg.svdvals(fit.coef) > 1e-10).sum()) <= 2
+    objective, _ = probe_optimality(
+        LinearProbeLoss(x, y, z, n_outputs=4, byproduct_weight=1.0), fit.coef, fit.intercept, 1e-3, rank=2
+    )
+    assert objective == pytest.approx(fit.objective)
+
+
+class _CountingMemmap:
+    """Wraps a memmap; records every slice read and refuses whole-array conversion."""
+
+    def __init__(self, array):
+        self.array, self.reads = array, []
+        self.shape = array.shape
+
+    def __getitem__(self, index):
+        assert isinstance(index, slice)
+        self.reads.append((index.start, index.stop))
+        return self.array[index]
+
+    def __array__(self, *args, **kwargs):  # pragma: no cover - failing path
+        raise AssertionError("X was converted whole")
+
+
+def test_minibatch_reads_memmap_in_batches_without_copy(tmp_path):
+    x, y, _ = _data(n=600, dtype=torch.float32)
+    path = tmp_path / "X.npy"
+    np.save(path, x.numpy())
+    X = _CountingMemmap(np.load(path, mmap_mode="r"))
+    assert isinstance(X.array, np.memmap)
+    seen = []
+    fit = fit_linear_probe_minibatch(
+        X,
+        y.numpy(),
+        n_outputs=4,
+        alpha=1e-4,
+        batch_size=100,
+        max_epochs=30,
+        learning_rate=0.05,
+        callback=lambda epoch, M, b: seen.append(epoch) or False,
+    )
+    assert len(X.reads) == 6 * 30 and all(hi - lo <= 100 for lo, hi in X.reads)
+    assert seen == list(range(1, 31)) and fit.n_iter == 30
+    acc = float(((x @ fit.coef.T + fit.intercept).argmax(1) == y).float().mean())
+    full = fit_linear_probe(x, y, n_outputs=4, alpha=1e-4, byproduct_weight=0.0, tol=1e-5, max_iter=500)
+    acc_full = float(((x @ full.coef.T + full.intercept).argmax(1) == y).float().mean())
+    assert acc >= acc_full - 0.03
+    again = fit_linear_probe_minibatch(
+        _CountingMemmap(np.load(path, mmap_mode="r")),
+        y.numpy(),
+        n_outputs=4,
+        alpha=1e-4,
+        batch_size=100,
+        max_epochs=30,
+        learning_rate=0.05,
+    )
+    assert torch.equal(again.coef, fit.coef)
+
+
+def test_fit_linear_head_hook_matches_the_estimator_objective():
+    from luab_sk.nn import multitask_loss
+    from luab_sk.nn.solvers import fit_linear_head
+
+    x, y, z = _data(dtype=torch.float32)
+    head = PooledHead(x.shape[1], 4, 3, kind="linear", hidden_size=7)
+    fit = fit_linear_head(
+        head, x, y, z, task="multiclass", alpha=0.01, byproduct_weight=1.0, tol=1e-4, max_iter=500
+    )
+    assert fit.converged
+    with torch.no_grad():
+        total = multitask_loss(head(x), y, z, task="multiclass", byproduct_weight=1.0).total
+        l2 = sum(p.pow(2).sum() for n, p in head.named_parameters() if n.endswith("weight"))
+    assert float(total + 0.005 * l2) == pytest.approx(fit.objective, rel=1e-4)
+    again = fit_linear_head(
+        head,
+        x,
+        y,
+        z,
+        task="multiclass",
+        alpha=0.01,
+        byproduct_weight=1.0,
+        tol=1e-4,
+        max_iter=500,
+        warm_start=True,
+    )
+    assert again.n_iter <= 2 and again.objective == pytest.approx(fit.objective, rel=1e-4)
+
+
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_binary_and_multilabel_tasks_converge(task):
+    x, y, z = _data()
+    if task == "binary":
+        target, K = (y % 2).to(torch.float64), 1
+    else:
+        target, K = torch.stack([y % 2, (y > 1).long()], 1).to(torch.float64), 2
+    fit = fit_linear_probe(x, target, z, task=task, alpha=1e-3, byproduct_weight=0.5, tol=1e-6, max_iter=2000)
+    assert fit.converged and fit.n_outputs == K and fit.coef.shape == (K + 3, x.shape[1])
+    plain = fit_linear_probe(x, target, task=task, alpha=1e-3, byproduct_weight=0.0, tol=1e-6, max_iter=2000)
+    assert plain.converged and plain.coef.shape == (K, x.shape[1])
