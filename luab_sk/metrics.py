@@ -13,6 +13,8 @@ import numbers
 
 import numpy as np
 
+from ._grid import infer_grid
+
 __all__ = ["attention_grid", "group_accuracies", "worst_group_accuracy", "pointing_game", "byproduct_error"]
 
 
@@ -127,16 +129,18 @@ def attention_grid(attention, grid=None, *, name="attention"):
     if att.ndim == 3 and att.shape[1] == 1 and (grid is None or tuple(grid) != att.shape[1:]):
         att = att[:, 0]  # (n, 1, L) as returned by single-map attention heads
     if att.ndim == 2:
-        if grid is None:
-            side = int(round(np.sqrt(att.shape[1])))
-            if side * side != att.shape[1]:
+        n_cells = att.shape[1]
+        try:
+            h, w = infer_grid(n_cells, grid, what=name)  # the one grid inference (luab_sk._grid)
+        except ValueError:  # reworded for this function's ``grid`` argument
+            if grid is None:
                 raise ValueError(
-                    f"{name} has {att.shape[1]} cells per map, not a square grid: pass grid=(H, W)."
-                )
-            grid = (side, side)
-        h, w = (int(v) for v in grid)
-        if h * w != att.shape[1]:
-            raise ValueError(f"grid={tuple(grid)} has {h * w} cells but {name} has {att.shape[1]} per map.")
+                    f"{name} has {n_cells} cells per map, not a square grid: pass grid=(H, W)."
+                ) from None
+            raise ValueError(
+                f"grid={grid!r} does not fit {name}: its maps have {n_cells} cells; pass grid=(H, W) with "
+                f"H * W = {n_cells}."
+            ) from None
         return att.reshape(len(att), h, w)
     if att.ndim != 3:
         raise ValueError(f"{name} must be (n, H, W), (n, H*W) or (n, 1, H*W), got shape {att.shape}.")

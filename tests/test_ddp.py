@@ -56,12 +56,13 @@ def _batch():
 
 
 def _setup_step():
-    from luab_sk.estimators._ddp import build_model, prepare
+    """An estimator prepared as a 3-class fit with click points prepares it, its network and optimiser."""
+    from luab_sk.estimators._base import torch_seeded
 
     est = _estimator()
-    X, y, Z = _data()
-    _, _, _, n_outputs = prepare(est, X, y, Z)
-    module = build_model(est, n_outputs, seed=0)
+    est.task_, est.byproduct_target_, est.n_byproducts_ = "multiclass", "heatmap", 2
+    with torch_seeded(0):
+        module = est._build_model(3, None)
     return est, module, est._optimizer(module)
 
 

@@ -233,6 +233,58 @@ def test_warm_start_continues_from_the_fitted_weights():
         ft.fit(X, np.arange(8) % 4, Z=Z)
 
 
+def _nan_loss(monkeypatch):
+    """Make every batch loss NaN (the gradients, then the weights, follow)."""
+    original = LUABFineTuner._batch_loss
+
+    def nan_loss(self, *args, **kwargs):
+        return original(self, *args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(LUABFineTuner, "_batch_loss", nan_loss)
+
+
+def test_non_finite_objective_leaves_no_fitted_model(monkeypatch):
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    from luab_sk.nn.engine import NonFiniteObjectiveError
+
+    X, y, Z = make_scenes(8)
+    _nan_loss(monkeypatch)
+    ft = tiny()
+    with pytest.raises(NonFiniteObjectiveError, match="learning_rate"):
+        ft.fit(X, y, Z=Z)
+    assert "model_" not in vars(ft)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(ft)
+    with pytest.raises(NotFittedError):
+        ft.predict(X)
+
+
+def test_non_finite_objective_keeps_the_warm_started_model(monkeypatch):
+    from luab_sk.nn.engine import NonFiniteObjectiveError
+
+    X, y, Z = make_scenes(8)
+    ft = tiny(warm_start=True).fit(X, y, Z=Z)
+    model, weights, proba = ft.model_, state_of(ft.model_), ft.predict_proba(X)
+    attributes = {k: v for k, v in vars(ft).items() if k.endswith("_")}
+    _nan_loss(monkeypatch)
+    with pytest.raises(NonFiniteObjectiveError):
+        ft.set_params(recipe="paper").fit(X, y)  # other fitted attributes too (Z=None, another recipe)
+    assert ft.model_ is model and not model.training
+    assert_same_state(state_of(ft.model_), weights)
+    assert {k: v for k, v in vars(ft).items() if k.endswith("_")}.keys() == attributes.keys()
+    assert ft.n_byproducts_ == 2 and ft.loss_curve_ is attributes["loss_curve_"]
+    assert ft.augmentation_ is attributes["augmentation_"]
+    np.testing.assert_array_equal(ft.predict_proba(X), proba)
+
+    # A fresh refit that fails leaves the estimator unfitted (as LUABClassifier does), not half-fitted.
+    ft.set_params(warm_start=False)
+    with pytest.raises(NonFiniteObjectiveError):
+        ft.fit(X, y, Z=Z)
+    assert "model_" not in vars(ft)
+
+
 def test_workers_do_not_change_the_result():
     X, y, Z = make_scenes(8)
     a = tiny(num_workers=0).fit(X, y, Z=Z)

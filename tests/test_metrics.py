@@ -151,3 +151,17 @@ def test_pointing_game_accepts_degenerate_and_edge_boxes():
 def test_worst_group_accuracy_accepts_string_and_object_groups():
     groups = np.array(["a", "b", "b"], dtype=object)
     assert worst_group_accuracy([0, 1, 1], [0, 1, 0], groups) == 0.5
+
+
+def test_attention_grid_uses_the_shared_grid_inference_with_its_own_messages():
+    from luab_sk._grid import infer_grid
+    from luab_sk.metrics import attention_grid
+
+    maps = np.arange(24.0).reshape(2, 12)
+    assert attention_grid(maps, grid=(3, 4)).shape == (2, *infer_grid(12, (3, 4)))
+    assert attention_grid(np.ones((2, 1, 16))).shape == (2, *infer_grid(16))
+    with pytest.raises(ValueError, match=r"maps has 12 cells per map, not a square grid: pass grid=\(H, W\)"):
+        attention_grid(maps, name="maps")
+    for grid in [(3, 3), (12,), (2, "x")]:
+        with pytest.raises(ValueError, match=r"grid=.* does not fit attention: its maps have 12 cells"):
+            attention_grid(maps, grid=grid)

@@ -555,7 +555,9 @@ class LUABClassifierMixin:
             )
         return target if spec.spatial else "regression"
 
-    def _fit_preamble(self, y, Z, n_samples: int, *, click_points: bool, warm: bool) -> FitInputs:
+    def _fit_preamble(
+        self, y, Z, n_samples: int, *, click_points: bool, warm: bool, before_drop=None
+    ) -> FitInputs:
         """Encode y, validate Z (and drop it when unusable), check a warm start, pick the device.
 
         Parameters
@@ -570,6 +572,10 @@ class LUABClassifierMixin:
             Z must hold click points in [0, 1] (:func:`check_click_points`).
         warm : bool
             The fit continues the fitted module (:func:`check_warm_start`).
+        before_drop : callable, optional
+            ``before_drop(labels, Z) -> Z``, called on the validated Z (None when not given) before an
+            unusable Z is dropped; a subclass's rule that needs Z even when it trains nothing (the
+            fine-tuner's ``drop_label_outside_crop``) goes here.
         """
         check_classification_targets(y)
         labels = encode_labels(y)
@@ -577,6 +583,8 @@ class LUABClassifierMixin:
         Z = check_byproducts(Z, n_samples)
         if Z is not None and click_points:
             check_click_points(Z, n_outputs)
+        if before_drop is not None:
+            Z = before_drop(labels, Z)
         Z = drop_unusable_byproducts(Z, self.byproduct_weight)
         if warm:
             check_warm_start(self, labels, Z, self._head_spec().name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_consistent_length, check_is_fitted
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,19 +29,9 @@ from ..features.backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, load_back
 from ..features.cache import _atomic_write, _write_json
 from ..features.images import ImageLoadError, describe_item
 from ..nn import HeadOutput, build_head, head_spec, label_loss, multitask_loss
-from ..nn.engine import Checkpoint, EarlyStopping, LRScheduler, ProgressLogger, Timer, Trainer
+from ..nn.engine import Callback, Checkpoint, EarlyStopping, LRScheduler, ProgressLogger, Timer, Trainer
 from ._augment import RECIPES, ImageByproductDataset, JointTransform, augmentation_recipe
-from ._base import (
-    LUABClassifierMixin,
-    check_byproducts,
-    check_click_points,
-    check_warm_start,
-    drop_unusable_byproducts,
-    encode_labels,
-    seed_from,
-    torch_seeded,
-    validation_split,
-)
+from ._base import LUABClassifierMixin, seed_from, torch_seeded, validation_split
 
 __all__ = ["LUABFineTuner"]
 
@@ -370,101 +360,127 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             other parameters or data.
         luab_sk.features.images.ImageLoadError
             When an image file is missing or corrupt (the message names it).
+        luab_sk.nn.engine.NonFiniteObjectiveError
+            When the training loss or a weight becomes NaN or infinite. No model is kept: the estimator is
+            then unfitted, or, with ``warm_start``, keeps its previous model and fitted attributes.
 
         Warns
         -----
         RuntimeWarning
             When the checkpoint in ``checkpoint_dir`` fails its checksum and is set aside.
         """
+        return self._fit(X, y, Z, _SingleProcess())
+
+    def _fit(self, X, y, Z, process):
+        """The one fit of the fine-tuner: ``fit`` in a single process, or one rank of ``fit_distributed``.
+
+        ``process`` (:class:`_SingleProcess`, or its DDP counterpart in :mod:`._ddp`) says how this process
+        takes part: its device, who reads and writes the checkpoint, the seed, the model wrapper, the data
+        shard, the epoch seeding and the sums over processes. Everything else (validation, the model, the
+        optimiser and schedule, the engine's epochs and hooks) is this one code path.
+
+        The model is trained as a local module and becomes ``model_`` only when training succeeds. A fresh
+        fit forgets the previous model first, so a fit that fails (a non-finite objective, an interrupt)
+        leaves the estimator unfitted; a warm-started fit that fails restores the previous weights and
+        fitted attributes (its weights are kept on the CPU meanwhile), so it predicts as before.
+        """
         byproduct_target = self._check_params()
         X = _check_images(X)
         check_consistent_length(X, y)
-        check_classification_targets(y)
-        labels = encode_labels(y)
-        n_outputs = 1 if labels.task == "binary" else labels.classes.size
-        Z = check_byproducts(Z, len(X))
-        if Z is not None:
-            check_click_points(Z, n_outputs)
-        if Z is not None and labels.task == "multilabel" and Z.shape[1] == 2 * labels.classes.size:
-            Z = np.where(np.repeat(labels.y, 2, axis=1) > 0, Z, np.nan).astype(Z.dtype)  # positives only
-        label_clicks = self._label_clicks(labels, Z)
-        Z = drop_unusable_byproducts(Z, self.byproduct_weight)
         continuing = self.warm_start and hasattr(self, "model_")
-        if continuing:
-            check_warm_start(self, labels, Z, self.model_.head.kind)
-        device = resolve_device(self.device)
-        fingerprinted = Z if label_clicks is None else (Z, label_clicks)
-        checkpoint = self._read_checkpoint(X, labels, fingerprinted, continuing)
-        seed = checkpoint["seed"] if checkpoint is not None else seed_from(self.random_state)
+        label_clicks = None
 
-        self.classes_, self.task_ = labels.classes, labels.task
-        self.augmentation_ = augmentation_recipe(
-            self.recipe, multilabel=labels.task == "multilabel", crop_scale=self.crop_scale, hflip=self.hflip,
-            color_jitter=self.color_jitter,
-        )  # fmt: skip
-        self.byproduct_target_ = byproduct_target
-        self.n_byproducts_ = 0 if Z is None else Z.shape[1]
-        with torch_seeded(seed, device):
-            if not continuing:
+        def clicks_of_positives(labels, Z):
+            # Run before an unusable Z is dropped: the drop_label_outside_crop rule needs the clicks even
+            # when they train nothing (byproduct_weight=0).
+            nonlocal label_clicks
+            Z = _positive_clicks(labels, Z)
+            label_clicks = self._label_clicks(labels, Z)
+            return Z
+
+        labels, n_outputs, Z, _, _ = self._fit_preamble(
+            y, Z, len(X), click_points=True, warm=continuing, before_drop=clicks_of_positives
+        )
+        device = process.device(self)
+        fingerprinted = Z if label_clicks is None else (Z, label_clicks)
+        checkpoint = process.read_checkpoint(self, X, labels, fingerprinted, continuing)
+        seed = process.seed(self, checkpoint)
+        if not continuing:
+            vars(self).pop("model_", None)  # should this fit fail, the estimator is unfitted
+
+        with _restored_on_failure(self, continuing), torch_seeded(seed, device):
+            self.classes_, self.task_ = labels.classes, labels.task
+            self.augmentation_ = augmentation_recipe(
+                self.recipe, multilabel=labels.task == "multilabel", crop_scale=self.crop_scale,
+                hflip=self.hflip, color_jitter=self.color_jitter,
+            )  # fmt: skip
+            self.byproduct_target_ = byproduct_target
+            self.n_byproducts_ = 0 if Z is None else Z.shape[1]
+            if continuing:
+                module = self.model_
+            else:
                 per_class = head_spec(self.head).spatial and self.n_byproducts_ > 2
-                self.model_ = self._build_model(n_outputs, self.pretrained, per_class_maps=per_class)
-            model = self.model_.to(device)
+                module = self._build_model(n_outputs, self.pretrained, per_class_maps=per_class)
+            module = module.to(device)
             if self.channels_last:
-                model = model.to(memory_format=torch.channels_last)
+                module = module.to(memory_format=torch.channels_last)
+            model, module = process.wrap(module, device)  # model: what trains (DDP); module: the network
             train_index, val_index = np.arange(len(labels.y)), None
             if self.early_stopping:
                 train_index, val_index = validation_split(labels, self.validation_fraction, seed)
-            train_loader = self._loader(
-                X, labels.y, Z, train_index, seed, train=True, label_clicks=label_clicks
-            )
+            train_loader = process.train_loader(self, X, labels.y, Z, train_index, seed, label_clicks)
             steps_per_epoch = len(train_loader)
-            optimizer = self._optimizer(model)
-            total = self.max_iter * steps_per_epoch
+            optimizer = self._optimizer(module)
             warmup = round(float(self.warmup_epochs) * steps_per_epoch)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, partial(_warmup_cosine, warmup=warmup, total=total)
+                optimizer, partial(_warmup_cosine, warmup=warmup, total=self.max_iter * steps_per_epoch)
             )
             validation = None
             if val_index is not None:
-                val_loader = self._loader(X, labels.y, None, val_index, seed, train=False)
-                validation = ((), partial(self._validation_score, loader=val_loader, device=device))
-            # The training engine (luab_sk.nn.engine) runs the epochs; its hooks time them, keep the
-            # best weights, step the schedule, report progress and write the checkpoint.
-            tracker = EarlyStopping(model, validation, float(self.tol), self.n_iter_no_change)
-            timer = Timer(device)
-            hooks = [timer, tracker, LRScheduler(scheduler), ProgressLogger(self.verbose)]
+                val_loader = process.validation_loader(self, X, labels.y, val_index, seed)
+                score = partial(self._validation_score, loader=val_loader, device=device, process=process)
+                validation = ((), score)
+            # The training engine (luab_sk.nn.engine) runs the epochs; its hooks sum the epoch's loss, time
+            # the epochs, keep the best weights, step the schedule, report progress and write the checkpoint.
+            sums, timer = _EpochSums(), Timer(device)
+            tracker = EarlyStopping(module, validation, float(self.tol), self.n_iter_no_change)
+            hooks = [sums, timer, tracker, LRScheduler(scheduler), ProgressLogger(process.verbose(self))]
             if self.checkpoint_dir is not None:
-                hooks.append(
-                    Checkpoint(
-                        lambda t: self._write_checkpoint(
-                            t.epoch, t.stop, seed, model, optimizer, scheduler, tracker
-                        )
-                    )
-                )
+                write = partial(self._write_checkpoint, seed=seed, model=module, optimizer=optimizer,
+                                scheduler=scheduler, tracker=tracker)  # fmt: skip
+                hooks.append(Checkpoint(lambda t: process.write_checkpoint(partial(write, t.epoch, t.stop))))
             trainer = Trainer(model, hooks, solver="AdamW", learning_rate=self.learning_rate)
             trainer.optimizer = optimizer
             if checkpoint is not None:
-                trainer.epoch = self._restore(checkpoint, model, optimizer, scheduler, tracker, device)
+                trainer.epoch = self._restore(checkpoint, module, optimizer, scheduler, tracker, device)
+                if scheduler.last_epoch != trainer.epoch * steps_per_epoch:
+                    raise ValueError(
+                        f"The checkpoint was written by a fit with another number of optimiser steps per "
+                        f"epoch ({scheduler.last_epoch // max(trainer.epoch, 1)} against {steps_per_epoch} "
+                        "here): resume it with the same number of processes, or pass resume=False."
+                    )
                 trainer.stop = trainer.epoch > 0 and bool(checkpoint["stopped"])
             # One list: the engine appends to it, the checkpoint writes it (_restore set it when resuming).
             self.loss_curve_ = trainer.loss_curve = self.loss_curve_ if checkpoint is not None else []
 
             def run_epoch(epoch):
-                torch.manual_seed(_epoch_seed(seed, epoch))
-                return self._train_epoch(trainer, train_loader, epoch, seed, device)
+                return self._train_epoch(trainer, train_loader, epoch, seed, device, process, sums)
 
             trainer.fit_epochs(run_epoch, max_iter=self.max_iter)
+        self.model_ = module
         self.n_iter_ = trainer.epoch
         self.validation_scores_ = tracker.scores
         self.epoch_times_, self.epoch_cpu_times_ = timer.wall, timer.cpu
         return self
 
-    def _train_epoch(self, trainer, loader, epoch, seed, device):
-        """One pass over the training data (:meth:`luab_sk.nn.Trainer.train_epoch`); the mean loss."""
-        loader.dataset.epoch = epoch
-        loader.generator.manual_seed(_epoch_seed(seed, epoch))
+    def _train_epoch(self, trainer, loader, epoch, seed, device, process, sums):
+        """One pass over the training data (:meth:`luab_sk.nn.Trainer.train_epoch`); the mean loss over
+        the samples of every process."""
+        process.start_epoch(loader, epoch, seed)  # data order, augmentation and dropout of this epoch
         loss = partial(self._batch_loss, device=device)
-        return trainer.train_epoch(loader, loss, trainer.optimizer, clip_grad_norm=self.clip_grad_norm)
+        trainer.train_epoch(loader, loss, trainer.optimizer, clip_grad_norm=self.clip_grad_norm)
+        total, seen = process.sum(sums.loss, sums.samples)
+        return total / max(seen, 1)
 
     def _batch_loss(self, model, images, y, z, *, device):
         """The training objective on one batch (forward under autocast, loss in float32)."""
@@ -483,7 +499,8 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             sigma=float(self.sigma),
         ).total
 
-    def _validation_score(self, model, loader, device):
+    def _validation_score(self, model, loader, device, process):
+        """Minus the mean validation label loss (over the shards of every process)."""
         total, seen = 0.0, 0
         for images, y, _ in loader:
             images, y, _ = self._to_device(images, y, None, device)
@@ -491,6 +508,7 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 logits = model(images).logits.float()
             total += float(label_loss(logits, y, self.task_)) * images.shape[0]
             seen += images.shape[0]
+        total, seen = process.sum(total, seen)
         return -total / seen
 
     # --------------------------------------------------------- construction
@@ -563,13 +581,16 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             interpolation=aug["interpolation"],
         )
 
-    def _loader(self, X, y, Z, index, seed, *, train, label_clicks=None):
-        items = _subset(X, index)
-        transform = self._transform(train=train)
-        dataset = ImageByproductDataset(
-            items, y[index], None if Z is None else Z[index], transform, seed=seed,
-            label_clicks=None if label_clicks is None else label_clicks[index],
+    def _dataset(self, X, y, Z, index, seed, *, train, label_clicks=None):
+        """The samples ``index`` of X, y and Z (and the label rule's clicks), transformed for training or
+        prediction (the augmentation of sample i in epoch e is seeded by ``(seed, e, i)``)."""
+        return ImageByproductDataset(
+            _subset(X, index), y[index], None if Z is None else Z[index], self._transform(train=train),
+            seed=seed, label_clicks=None if label_clicks is None else label_clicks[index],
         )  # fmt: skip
+
+    def _loader(self, X, y, Z, index, seed, *, train, label_clicks=None):
+        dataset = self._dataset(X, y, Z, index, seed, train=train, label_clicks=label_clicks)
         n, batch = len(index), int(self.batch_size)
         return DataLoader(
             dataset,
@@ -767,7 +788,93 @@ class _FineTuneNet(nn.Module):
         return self
 
 
+# ----------------------------------------------------------------- how a process takes part in a fit
+class _SingleProcess:
+    """How :meth:`LUABFineTuner._fit` runs in one process; :class:`luab_sk.estimators._ddp._DDPRank`
+    overrides it for one rank of a distributed fit (the rest of the fit is shared)."""
+
+    rank, world = 0, 1
+
+    def device(self, estimator):
+        return resolve_device(estimator.device)
+
+    def read_checkpoint(self, estimator, X, labels, Z, continuing):
+        return estimator._read_checkpoint(X, labels, Z, continuing)
+
+    def seed(self, estimator, checkpoint):
+        return checkpoint["seed"] if checkpoint is not None else seed_from(estimator.random_state)
+
+    def wrap(self, module, device):
+        """``(model that trains, network)``: the same module here, a DDP wrapper around it under DDP."""
+        return module, module
+
+    def train_loader(self, estimator, X, y, Z, index, seed, label_clicks):
+        return estimator._loader(X, y, Z, index, seed, train=True, label_clicks=label_clicks)
+
+    def validation_loader(self, estimator, X, y, index, seed):
+        return estimator._loader(X, y, None, index, seed, train=False)
+
+    def start_epoch(self, loader, epoch, seed):
+        """Seed the data order, the augmentation and the dropout of ``epoch``."""
+        loader.dataset.epoch = epoch
+        loader.generator.manual_seed(_epoch_seed(seed, epoch))
+        torch.manual_seed(_epoch_seed(seed, epoch * self.world + self.rank))
+
+    def sum(self, *values):
+        """The sums of ``values`` over the processes."""
+        return values
+
+    def verbose(self, estimator):
+        return estimator.verbose
+
+    def write_checkpoint(self, write):
+        write()
+
+
+class _EpochSums(Callback):
+    """Sum of the batch losses (weighted by the batch sizes) and of the samples of the current epoch."""
+
+    def on_epoch_begin(self, trainer):
+        self.loss, self.samples = 0.0, 0
+
+    def on_batch_end(self, trainer, loss, n_samples):
+        self.loss += loss * n_samples
+        self.samples += n_samples
+
+
+@contextlib.contextmanager
+def _restored_on_failure(estimator, warm: bool):
+    """When the block raises, give a warm-started estimator back its fitted attributes and weights.
+
+    The previous weights wait on the CPU (one copy of the state dict), and the model is trained in place,
+    so that ``model_`` stays the same object. Nothing to keep for a fresh fit (it builds a local model).
+    """
+    if not warm:
+        yield
+        return
+    attributes = {k: v for k, v in vars(estimator).items() if k.endswith("_")}
+    model = estimator.model_
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    try:
+        yield
+    except BaseException:
+        for name in [k for k in vars(estimator) if k.endswith("_")]:
+            del vars(estimator)[name]
+        vars(estimator).update(attributes)
+        model.load_state_dict(weights)
+        model.eval()
+        raise
+
+
 # --------------------------------------------------------------------- helpers
+def _positive_clicks(labels, Z):
+    """Per-class clicks of multi-label y kept for the positive classes only (the reference COCO-AB
+    loader: only ground-truth classes get a point); Z unchanged otherwise."""
+    if Z is not None and labels.task == "multilabel" and Z.shape[1] == 2 * labels.classes.size:
+        return np.where(np.repeat(labels.y, 2, axis=1) > 0, Z, np.nan).astype(Z.dtype)
+    return Z
+
+
 def _warmup_cosine(step: int, *, warmup: int, total: int) -> float:
     """Learning-rate factor: linear warmup over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
