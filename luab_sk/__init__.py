@@ -20,6 +20,7 @@ _EXPORTS = {
     "FaissKNNClassifier": "luab_sk.estimators",
     "KNNByproductImputer": "luab_sk.estimators",
     "GeneralizedDistillationClassifier": "luab_sk.estimators",
+    "TwoStageLUABClassifier": "luab_sk.estimators",
     "FeatureExtractor": "luab_sk.features",
     "ByproductEncoder": "luab_sk.byproducts",
     "read_imagenet_ab": "luab_sk.byproducts",

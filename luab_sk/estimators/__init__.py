@@ -4,6 +4,7 @@ from .classifier import LUABClassifier
 from .distill import GeneralizedDistillationClassifier
 from .finetune import LUABFineTuner
 from .knn import FaissGPUFallbackWarning, FaissKNNClassifier, KNNByproductImputer
+from .two_stage import TwoStageLUABClassifier
 
 __all__ = [
     "FaissGPUFallbackWarning",
@@ -12,4 +13,5 @@ __all__ = [
     "KNNByproductImputer",
     "LUABClassifier",
     "LUABFineTuner",
+    "TwoStageLUABClassifier",
 ]
