@@ -23,13 +23,13 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
 import numpy as np
 
 from luab_sk import __version__
+from luab_sk._io import atomic_write
 
 DEFAULT_STUDY_DIR = "luab_output"
 """Where ``luab study`` writes its table and plots by default (relative to the working directory; git ignores
@@ -133,23 +133,6 @@ def _output_dir(text: str, names: list[str], force: bool, arg: str = "--output-d
         )
     folder.mkdir(exist_ok=True)
     return folder
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write ``path`` through ``write(binary file object)`` into a temporary file renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- inputs -------------------------------------------------------------------------------------------------
@@ -366,7 +349,7 @@ def _extract(args) -> int:
         )
     arrays = features if isinstance(features, dict) else {args.output: features}
     payload = {"paths": np.array(files), **{k: np.asarray(v) for k, v in arrays.items()}}
-    _atomic_write(out, lambda fh: np.savez(fh, **payload))
+    atomic_write(out, lambda fh: np.savez(fh, **payload))
     shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in arrays.items())
     print(f"wrote {shapes} for {len(files)} images to {out}")
     if failed:
@@ -443,7 +426,7 @@ def _fit(args) -> int:
             "the fitted model predicts NaN or infinite scores on the training features, so it was not saved; "
             "try a smaller --byproduct-weight, or check --X and --Z for extreme values"
         )
-    _atomic_write(out, lambda fh: joblib.dump(clf, fh))
+    atomic_write(out, lambda fh: joblib.dump(clf, fh))
     print(f"saved the fitted LUABClassifier to {out}")
     return 0
 

@@ -211,9 +211,9 @@ class _ExtractActor:
 
 
 def _write_receipt(path: Path, entry: dict) -> None:
-    from .features.cache import _atomic_write
+    from ._io import atomic_write
 
-    _atomic_write(path, lambda fh: fh.write(json.dumps(entry).encode()))
+    atomic_write(path, lambda fh: fh.write(json.dumps(entry).encode()))
 
 
 def _adopt_receipts(cache) -> int:
@@ -317,7 +317,8 @@ def extract_with_ray(
     """
     from tqdm.auto import tqdm
 
-    from .features.cache import EmbeddingCache, _atomic_write
+    from ._io import atomic_write
+    from .features.cache import EmbeddingCache
     from .features.extractor import _Items
     from .features.images import describe_item
 
@@ -368,7 +369,7 @@ def extract_with_ray(
     fe.cache_key_ = cache.key
     if plan["projection"] is not None and not (cache.path / "projection.npy").exists():
         projection = plan["projection"]
-        _atomic_write(cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False))
+        atomic_write(cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False))
 
     failed: dict[int, tuple] = {}
     ids = fe._image_ids(items, failed)

@@ -38,7 +38,6 @@ import csv
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import Bunch
 
+from ._io import atomic_write
 from .byproducts.geometry import center_crop_box, crop_points
 from .datasets.spurious import DEFAULT_SCENE_PARAMS, foreground_crops, make_spurious_benchmark
 from .estimators.classifier import LUABClassifier
@@ -1392,26 +1392,11 @@ def _prepare_output_dir(out, name, plots):
             )
 
 
-def _atomic_write(path, write):
-    """Write ``path`` through ``write(temporary path)``, then rename it into place: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the mode a plain open() would give, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_outputs(out, name, result, meta, data, maps, plots):
     out.mkdir(parents=True, exist_ok=True)
     files = [out / n for n in output_names(name, plots)]
     header = "# LUAB study: spurious backgrounds, frozen features\n\n"
-    _atomic_write(files[0], lambda tmp: Path(tmp).write_text(header + result.markdown, encoding="utf-8"))
+    atomic_write(files[0], lambda fh: fh.write((header + result.markdown).encode("utf-8")))
     record = {
         "config": meta,
         "table": result.table,
@@ -1429,7 +1414,7 @@ def _write_outputs(out, name, result, meta, data, maps, plots):
         "timings_s": result.timings,
         "machine": {"python": platform.python_version(), "processor": platform.machine()},
     }
-    _atomic_write(files[1], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2), encoding="utf-8"))
+    atomic_write(files[1], lambda fh: fh.write(json.dumps(record, indent=2).encode("utf-8")))
     if plots:
         import matplotlib.pyplot as plt
 
@@ -1444,7 +1429,7 @@ def _write_outputs(out, name, result, meta, data, maps, plots):
             fig, ax = plt.subplots()
             ax.text(0.5, 0.5, "no clicks Z: no weight search", ha="center")
         fig.tight_layout()
-        _atomic_write(files[2], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        atomic_write(files[2], lambda fh: fig.savefig(fh, dpi=120, format="png"))
         plt.close(fig)
         test = data["test"]
         shown = {k: maps[k] for k in ("attention probe, no Z", "LUAB, Z", "LUAB, shuffled Z") if k in maps}
@@ -1460,7 +1445,7 @@ def _write_outputs(out, name, result, meta, data, maps, plots):
         else:
             fig, ax = plt.subplots()
             ax.text(0.5, 0.5, "no attention maps on images", ha="center")
-        _atomic_write(files[3], lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        atomic_write(files[3], lambda fh: fig.savefig(fh, dpi=100, format="png"))
         plt.close(fig)
     return [str(f) for f in files]
 

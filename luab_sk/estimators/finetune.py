@@ -22,11 +22,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .._grid import infer_grid
+from .._io import atomic_write, write_json
 from .._param_validation import Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
 from ..features._hashing import image_id
 from ..features.backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, load_backbone
-from ..features.cache import _atomic_write, _write_json
 from ..features.images import ImageLoadError, describe_item
 from ..nn import HeadOutput, build_head, head_spec, label_loss, multitask_loss
 from ..nn.engine import Callback, Checkpoint, EarlyStopping, LRScheduler, ProgressLogger, Timer, Trainer
@@ -710,9 +710,9 @@ class LUABFineTuner(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             "loss_curve": list(self.loss_curve_),
             "tracker": tracker.state_dict(),
         }
-        _atomic_write(path, partial(torch.save, state))
+        atomic_write(path, partial(torch.save, state))
         record = {"sha256": _sha256(path), "fingerprint": self._checkpoint_fingerprint, "epoch": int(epoch)}
-        _write_json(_record_path(path), record)
+        write_json(_record_path(path), record)
 
     def _restore(self, checkpoint, model, optimizer, scheduler, tracker, device):
         model.load_state_dict(checkpoint["model"])

@@ -56,7 +56,6 @@ import re
 import shutil
 import socket
 import stat
-import tempfile
 import time
 import uuid
 import warnings
@@ -65,6 +64,7 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, Timeout
 
+from .._io import atomic_write, write_json
 from ._hashing import file_sha256
 
 __all__ = ["CacheCorruptionWarning", "CacheLockWarning", "EmbeddingCache", "cache_info", "clear_cache"]
@@ -88,24 +88,6 @@ class CacheLockWarning(UserWarning):
 
 class _Damaged(Exception):
     """Internal: a metadata file or shard does not have the expected form (the message says how)."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write a file through ``write(fileobj)`` to a temporary name, fsync it, and rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
 
 
 def _is_regular(path: Path) -> bool:
@@ -333,13 +315,13 @@ class EmbeddingCache:
         try:
             problem = None if _read_json(path) == expected else "it describes another configuration"
         except FileNotFoundError:
-            _write_json(path, expected)
+            write_json(path, expected)
             return
         except _Damaged as err:
             problem = str(err)
         if problem is not None:
             aside = _quarantine(path)
-            _write_json(path, expected)
+            write_json(path, expected)
             self._warn(f"{str(path)!r} was damaged ({problem}); moved aside to {aside} and rewritten.")
 
     # -- files and shards -------------------------------------------------------------------------------
@@ -410,7 +392,7 @@ class EmbeddingCache:
             except (_Damaged, OSError):
                 continue
             shards.append({"id": shard_id, "rows": rows, "files": files})
-        _write_json(self._manifest, {"format": _FORMAT, "shards": shards})
+        write_json(self._manifest, {"format": _FORMAT, "shards": shards})
         self._warn(
             f"{str(self._manifest)!r} was damaged ({damage}); moved aside to {aside}. The manifest was "
             f"rebuilt from the {len(shards)} shard(s) on disk that load cleanly (checksums recomputed); "
@@ -459,7 +441,7 @@ class EmbeddingCache:
         """Unlist shards and delete their files (only ``shards/<id>.<kind>.npy``, never through a symlink)."""
         with _locked(self._lock, self.lock_timeout):
             kept = [shard for shard in self._read_manifest() if shard["id"] not in shard_ids]
-            _write_json(self._manifest, {"format": _FORMAT, "shards": kept})
+            write_json(self._manifest, {"format": _FORMAT, "shards": kept})
             for shard_id in shard_ids:
                 for kind in ("ids", *self.outputs):
                     path = self._shards / f"{shard_id}.{kind}.npy"
@@ -495,14 +477,14 @@ class EmbeddingCache:
         files = {}
         for kind, arr in (("ids", ids), *arrays.items()):
             path = self._shards / f"{shard_id}.{kind}.npy"
-            _atomic_write(path, lambda fh, a=arr: np.save(fh, np.ascontiguousarray(a), allow_pickle=False))
+            atomic_write(path, lambda fh, a=arr: np.save(fh, np.ascontiguousarray(a), allow_pickle=False))
             files[kind] = {"name": path.name, "sha256": file_sha256(path)}
         entry = {"id": shard_id, "rows": len(ids), "files": files}
         with _locked(self._lock, self.lock_timeout):
             shards = self._read_manifest()
             if all(shard["id"] != shard_id for shard in shards):  # a rebuild may have listed it already
                 shards.append(entry)
-            _write_json(self._manifest, {"format": _FORMAT, "shards": shards})
+            write_json(self._manifest, {"format": _FORMAT, "shards": shards})
         self._verified.add(shard_id)
 
     def write_shard_files(self, ids, arrays: dict[str, np.ndarray]) -> dict:
@@ -525,7 +507,7 @@ class EmbeddingCache:
         files = {}
         for kind, arr in (("ids", ids), *arrays.items()):
             path = self._shards / f"{shard_id}.{kind}.npy"
-            _atomic_write(path, lambda fh, a=arr: np.save(fh, np.ascontiguousarray(a), allow_pickle=False))
+            atomic_write(path, lambda fh, a=arr: np.save(fh, np.ascontiguousarray(a), allow_pickle=False))
             files[kind] = {"name": path.name, "sha256": file_sha256(path)}
         return {"id": shard_id, "rows": len(ids), "files": files}
 
@@ -575,7 +557,7 @@ class EmbeddingCache:
             new = [entry for entry in entries if entry["id"] not in listed]
             if new:
                 shards.extend(new)
-                _write_json(self._manifest, {"format": _FORMAT, "shards": shards})
+                write_json(self._manifest, {"format": _FORMAT, "shards": shards})
         return [entry["id"] for entry in new]
 
     def gather(self, ids, found: dict[str, tuple[str, int]]) -> dict[str, np.ndarray]:

@@ -16,11 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from .._io import atomic_write
 from .._param_validation import Device, Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
 from ._hashing import image_id
 from .backbones import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Backbone, load_backbone
-from .cache import EmbeddingCache, _atomic_write
+from .cache import EmbeddingCache
 from .gpu_decode import TensorDecodeLoader, decode_cache_tag, resolve_decode_device
 from .images import ImageDataset, ImageLoadError, describe_item, load_image
 
@@ -515,7 +516,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.cache_key_ = cache.key
         if self.projection_ is not None and not (cache.path / "projection.npy").exists():
             projection = self.projection_
-            _atomic_write(
+            atomic_write(
                 cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False)
             )
         ids = self._image_ids(items, failed)
