@@ -5,9 +5,19 @@ a dominant shared direction, a decaying nuisance spectrum, the label in weak dir
 EfficientNet-Lite0 features of a few hundred photos (``make_spurious_scenes``: faces, non-faces and
 rockets pasted on grass, brick and gravel):
 
-* ``LUABClassifier(head="linear", byproduct_weight=0)`` (full-batch L-BFGS, float32, reduced-rank ridge
-  start, whitened trunk) against ``make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs"))``
-  at matched regularisation: our objective is the mean loss + ``alpha / 2 * ||W||^2`` on standardised
+* the convex solver of :mod:`luab_sk.nn.solvers` (issue 12): ``fit_linear_probe`` called directly on
+  standardised float32 tensors (standardisation timed), and ``LUABClassifier(head="linear")``, whose
+  full-batch L-BFGS fit of the linear head runs ``fit_linear_head`` (the estimator's own path), at
+  byproduct weights 0 and 1. Objective: ``f + alpha ||W2 W1||_*`` (what the
+  factored head's ``alpha / 2`` on both factors equals at its optimum); optimality column: the largest
+  entry of the unit-step prox-gradient (0 exactly at the optimum; the gradient for smooth objectives);
+  gap: against ``fit_linear_probe`` in float64 to tol=1e-7 (at most ``--ref-iter`` iterations).
+* with ``--factored``: ``LUABClassifier(head="linear", byproduct_weight=0)`` at tol 1e-4 and 1e-5
+  (since the integration of the convex solver these fits run it too: the factored L-BFGS path, with
+  its reduced-rank ridge start and whitened trunk, is taken only with ``early_stopping``, the last row);
+  all of them against
+  ``make_pipeline(StandardScaler(), LogisticRegression(solver="lbfgs"))`` at matched regularisation:
+  our objective is the mean loss + ``alpha / 2 * ||W||^2`` on standardised
   inputs (the estimator standardises internally), LogisticRegression's is the mean loss +
   ``||W||^2 / (2 C n)``, so ``C = 1 / (alpha * n_train)``. (Our linear head is a low-rank factorisation
   ``W2 @ W1``, so its penalty acts like a nuclear norm, not LogisticRegression's Frobenius norm.)
@@ -61,6 +71,7 @@ from luab_sk._utils import resolve_device
 from luab_sk.datasets.synthetic import make_embedding_classification
 from luab_sk.estimators._training import l2_penalty
 from luab_sk.estimators.classifier import LUABClassifier
+from luab_sk.nn.solvers import LinearProbeLoss, fit_linear_probe, probe_optimality
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "probe_speed"
@@ -105,6 +116,31 @@ def our_objective(clf, X, y, Z):
     return float(loss.detach()), max(float(p.grad.abs().max()) for p in module.parameters())
 
 
+def nuclear_objective(clf, X, y, Z):
+    """The convex objective (f + alpha ||W2 W1||_*) at a fitted linear head, and its prox-gradient."""
+    module = clf.module_.cpu()
+    x = torch.as_tensor(clf._transform_input(X.astype(np.float32))).double()
+    z = None
+    if clf.n_byproducts_:
+        z = torch.as_tensor(((Z - clf.z_mean_) / clf.z_scale_).astype(np.float32)).double()
+    target = torch.as_tensor(np.searchsorted(clf.classes_, y))
+    with torch.no_grad():
+        rows = [module.label_head.weight] + ([module.byproduct_head.weight] if z is not None else [])
+        biases = [module.label_head.bias] + ([module.byproduct_head.bias] if z is not None else [])
+        M = (torch.cat(rows) @ module.trunk.weight).double()
+        b = torch.cat(biases).double()
+    loss = LinearProbeLoss(
+        x,
+        target,
+        z,
+        task=clf.task_,
+        n_outputs=module.label_head.out_features,
+        byproduct_weight=float(clf.byproduct_weight),
+        byproduct_loss=clf.byproduct_loss,
+    )
+    return probe_optimality(loss, M, b, clf.alpha)
+
+
 def linear_rows(name, X_train, y_train, Z_train, X_test, y_test, args, device):
     """LogisticRegression, ours at byproduct weights 0 and 1, ours at tol=1e-5, ours with early stopping.
 
@@ -116,10 +152,35 @@ def linear_rows(name, X_train, y_train, Z_train, X_test, y_test, args, device):
     common = {"head": "linear", "hidden_size": args.hidden_size, "alpha": args.alpha, "random_state": 0}
     reference = {}
     if args.reference:
-        lr_ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-8, max_iter=5000))
+        lr_ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-8, max_iter=args.ref_iter))
         reference["lr"] = lr_objective(lr_ref.fit(X_train, y_train), X_train, y_train, args.alpha)[0]
-        ours_ref = LUABClassifier(byproduct_weight=0.0, tol=1e-8, max_iter=5000, device=args.device, **common)
-        reference["ours"] = our_objective(ours_ref.fit(X_train, y_train), X_train, y_train, None)[0]
+        if args.factored:
+            ours_ref = LUABClassifier(
+                byproduct_weight=0.0, tol=1e-8, max_iter=5000, device=args.device, **common
+            )
+            reference["ours"] = our_objective(ours_ref.fit(X_train, y_train), X_train, y_train, None)[0]
+        mean, scale = X_train.mean(0), X_train.std(0)
+        scale[scale == 0] = 1
+        x64 = torch.as_tensor((X_train - mean) / scale, dtype=torch.float64)
+        zs = (Z_train - np.nanmean(Z_train, 0)) / np.nanstd(Z_train, 0)
+        for weight in (0.0, 1.0):
+            ref = fit_linear_probe(
+                x64,
+                torch.as_tensor(np.searchsorted(np.unique(y_train), y_train)),
+                torch.as_tensor(zs, dtype=torch.float64),
+                n_outputs=np.unique(y_train).size if np.unique(y_train).size > 2 else 1,
+                task="multiclass" if np.unique(y_train).size > 2 else "binary",
+                alpha=args.alpha,
+                byproduct_weight=weight,
+                tol=1e-7,
+                max_iter=args.ref_iter,
+            )
+            reference[f"convex{weight:g}"] = ref.objective
+            print(
+                f"convex reference (weight {weight:g}): {ref.n_iter} iterations, optimality "
+                f"{ref.optimality:.1e}, converged {ref.converged}",
+                flush=True,
+            )
     rows = []
 
     def add(model, fit_s, fitted, n_iter, ratio_to=None, objective=(None, None), kind=None):
@@ -157,6 +218,81 @@ def linear_rows(name, X_train, y_train, Z_train, X_test, y_test, args, device):
         lr_objective(lr, X_train, y_train, args.alpha),
         "lr",
     )
+    classes = np.unique(y_train)
+    binary = classes.size == 2
+
+    class Direct:
+        """fit_linear_probe called directly on standardised tensors (standardisation timed too)."""
+
+        def __init__(self, weight):
+            self.weight = weight
+
+        def fit(self):
+            self.mean, self.scale = X_train.mean(0), X_train.std(0)
+            self.scale[self.scale == 0] = 1
+            x = torch.as_tensor(((X_train - self.mean) / self.scale).astype(np.float32))
+            z = None
+            if self.weight > 0:
+                zs = (Z_train - np.nanmean(Z_train, 0)) / np.nanstd(Z_train, 0)
+                z = torch.as_tensor(zs.astype(np.float32))
+            self.fit_ = fit_linear_probe(
+                x,
+                torch.as_tensor(np.searchsorted(classes, y_train)),
+                z,
+                task="binary" if binary else "multiclass",
+                n_outputs=1 if binary else classes.size,
+                alpha=args.alpha,
+                byproduct_weight=self.weight,
+                tol=1e-4,
+                max_iter=200,
+                device=args.device,
+            )
+            return self
+
+        def score(self, X, y):
+            x = torch.as_tensor(((X - self.mean) / self.scale).astype(np.float32))
+            K = 1 if binary else classes.size
+            out = (x @ self.fit_.coef[:K].cpu().T + self.fit_.intercept[:K].cpu()).numpy()
+            pred = (out[:, 0] > 0).astype(int) if binary else out.argmax(1)
+            return float((classes[pred] == y).mean())
+
+    convex0 = estimator0 = None
+    for weight in (0.0, 1.0):
+        fit_time, direct = timed(lambda w=weight: Direct(w).fit(), args.repeats)
+        f = direct.fit_
+        ratio_to = ("LogisticRegression", lr_time) if weight == 0 else ("byproduct_weight=0", convex0)
+        t = add(
+            f"fit_linear_probe(convex nuclear, {f.method}, byproduct_weight={weight:g}) direct",
+            fit_time,
+            direct,
+            f.n_iter,
+            ratio_to,
+            (f.objective, f.optimality),
+            f"convex{weight:g}",
+        )
+        rows[-1]["converged"] = bool(f.converged)
+        convex0 = t if weight == 0 else convex0
+    for weight in (0.0, 1.0):
+        fit_time, clf = timed(
+            lambda w=weight: LUABClassifier(byproduct_weight=w, device=args.device, **common).fit(
+                X_train, y_train, Z=Z_train
+            ),
+            args.repeats,
+        )
+        ratio_to = ("LogisticRegression", lr_time) if weight == 0 else ("byproduct_weight=0", estimator0)
+        t = add(
+            f"LUABClassifier(linear, rank {clf.module_.trunk.out_features}, byproduct_weight={weight:g}) "
+            "(convex solver)",
+            fit_time,
+            clf,
+            clf.n_iter_,
+            ratio_to,
+            nuclear_objective(clf, X_train, y_train, Z_train),
+            f"convex{weight:g}",
+        )
+        estimator0 = t if weight == 0 else estimator0
+    if not args.factored:
+        return rows
     weight0 = None
     for weight, tol in ((0.0, 1e-4), (1.0, 1e-4), (0.0, 1e-5)):
         fit_time, clf = timed(
@@ -287,6 +423,10 @@ def main(argv=None):
         action="store_false",
         help="skip the tol=1e-8 reference fits that measure each model's optimality gap",
     )
+    parser.add_argument(
+        "--factored", action="store_true", help="also the tol rows (convex solver) and their gradient measure"
+    )
+    parser.add_argument("--ref-iter", type=int, default=1000, help="iterations of the convex reference fits")
     parser.add_argument("--attention-samples", type=int, default=2000)
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--tag", default="", help="suffix of the result files")
@@ -377,7 +517,10 @@ def main(argv=None):
         f"Load average {load_start[0]:.1f} at the start, {meta['load_average_at_end'][0]:.1f} at the end "
         f"on {os.cpu_count()} cores (a shared machine).\n\n"
         "objective gap: each model's own objective (mean loss + penalty, the same units for both) minus "
-        "its value after a fit of the same model to tol=1e-8 (not timed). max abs gradient: of that "
+        f"its value after a fit of the same model to tol=1e-8 (convex rows: float64 fit_linear_probe to "
+        f"tol=1e-7; at most {args.ref_iter} iterations, so gaps are lower bounds; not timed). Convex rows: "
+        "max abs gradient is the largest unit-step prox-gradient entry of f + alpha ||M||_*. "
+        "Factored rows: max abs gradient: of that "
         "objective at the returned solution. Both stop when the largest absolute gradient entry of their "
         "optimised parameters is at most tol (default 1e-4; ours: the factors W2, W1 of the linear head, "
         "W1 in whitened coordinates during the fit, so this column, on the plain factors, can differ).\n\n"

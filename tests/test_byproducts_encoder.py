@@ -145,11 +145,18 @@ def test_trace_samples_are_ordered_by_time():
 def test_timing_raw_and_robust(imagenet):
     records, truth = imagenet
     tasks = (
-        ImageNetABTask(selected=True, point=(0.5, 0.5), estimate_time=0.0, hovered_count=2.0,
-                       selected_count=1.0, hover_actions=("enter", "leave", "enter", "leave"),
-                       hover_times=np.array([0.0, 100.0, 200.0, 500.0])),
-        ImageNetABTask(selected=True, point=(0.5, 0.5), estimate_time=800.0, hovered_count=0.0,
-                       selected_count=3.0),
+        ImageNetABTask(
+            selected=True,
+            point=(0.5, 0.5),
+            estimate_time=0.0,
+            hovered_count=2.0,
+            selected_count=1.0,
+            hover_actions=("enter", "leave", "enter", "leave"),
+            hover_times=np.array([0.0, 100.0, 200.0, 500.0]),
+        ),
+        ImageNetABTask(
+            selected=True, point=(0.5, 0.5), estimate_time=800.0, hovered_count=0.0, selected_count=3.0
+        ),
     )
     rec = ImageNetABRecord("n1/n1_1", "p", tasks)
     raw = ByproductEncoder("timing", timing_scale=None).fit_transform([rec, None])
@@ -161,7 +168,10 @@ def test_timing_raw_and_robust(imagenet):
     assert enc.timing_scaler_ is not None
     np.testing.assert_allclose(np.nanmedian(z, axis=0), 0.0, atol=1e-9)
     assert list(enc.get_feature_names_out()) == [
-        "timing_estimate_time", "timing_hovered_count", "timing_hover_time", "timing_selected_count"
+        "timing_estimate_time",
+        "timing_hovered_count",
+        "timing_hover_time",
+        "timing_selected_count",
     ]
 
 
@@ -179,8 +189,12 @@ def test_concatenated_layout(imagenet):
     z = enc.fit(records).transform(records.align(truth.image_keys))
     names = enc.get_feature_names_out()
     assert z.shape[1] == enc.n_features_out_ == len(names) == 2 + 12 + 8 + 4
-    assert enc.feature_slices_ == {"point": slice(0, 2), "heatmap": slice(2, 14), "trace": slice(14, 22),
-                                   "timing": slice(22, 26)}
+    assert enc.feature_slices_ == {
+        "point": slice(0, 2),
+        "heatmap": slice(2, 14),
+        "trace": slice(14, 22),
+        "timing": slice(22, 26),
+    }
     assert names[2] == "heatmap_0_0" and names[14] == "trace_0_x" and names[-1] == "timing_selected_count"
     np.testing.assert_allclose(z[:, enc.feature_slices_["point"]], truth.points, equal_nan=True)
     # Point-like blocks are interleaved (x, y) pairs: they go through crop geometry directly.

@@ -197,8 +197,10 @@ def test_unreadable_listed_file_is_reported(tmp_path):
     [
         ("<annotation><metadata><selected>Maybe</selected></metadata></annotation>", "not True/False"),
         ("<annotation><metadata><estimateTime>12ms</estimateTime></metadata></annotation>", "estimateTime"),
-        ("<annotation><metadata><hit_submit_time>yesterday</hit_submit_time></metadata></annotation>",
-         "neither epoch ms nor an ISO"),
+        (
+            "<annotation><metadata><hit_submit_time>yesterday</hit_submit_time></metadata></annotation>",
+            "neither epoch ms nor an ISO",
+        ),
         ("<annotation><metadata>", "ParseError"),
     ],
 )
@@ -403,8 +405,9 @@ def test_generators_are_deterministic(tmp_path):
 
 def test_coco_generator_given_images_and_instances(tmp_path):
     images = [(7, (640, 480), {"dog": [(0.2, 0.2), (0.8, 0.8)], "cat": (0.5, 0.5)}), (9, (300, 300), {})]
-    truth = make_coco_ab_like(tmp_path / "c.json", images, classes=["cat", "dog", "cow"], p_move=0.0,
-                              p_remove=0.0, random_state=0)
+    truth = make_coco_ab_like(
+        tmp_path / "c.json", images, classes=["cat", "dog", "cow"], p_move=0.0, p_remove=0.0, random_state=0
+    )
     np.testing.assert_allclose(truth.true_points[0], [0.5, 0.5, 0.5, 0.5, np.nan, np.nan])
     assert np.isnan(truth.add_points[1]).all()
     record = json.loads((tmp_path / "c.json").read_text())[0]
@@ -417,8 +420,10 @@ def test_coco_generator_given_images_and_instances(tmp_path):
         (lambda p: make_imagenet_ab_like(p, [("n1", 1, (5, 5))]), r"images\[0\] must be a tuple of 4 or 5"),
         (lambda p: make_imagenet_ab_like(p, n_classes=1, n_per_class=1, n_malformed=2), "n_malformed must"),
         (lambda p: make_imagenet_ab_like(p, max_tasks=0), "max_tasks"),
-        (lambda p: make_coco_ab_like(p / "c.json", [(1, (5, 5), {"yak": (0.5, 0.5)})], classes=["dog"]),
-         "not in classes"),
+        (
+            lambda p: make_coco_ab_like(p / "c.json", [(1, (5, 5), {"yak": (0.5, 0.5)})], classes=["dog"]),
+            "not in classes",
+        ),
         (lambda p: make_coco_ab_like(p / "c.json", [(1, (5, 5))]), r"images\[0\] must be a tuple of 3"),
         (lambda p: make_coco_ab_like(p / "c.json", n_images=2, n_malformed=3), "n_malformed must"),
     ],

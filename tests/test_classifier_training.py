@@ -9,6 +9,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from luab_sk.datasets.synthetic import make_embedding_classification
+from luab_sk.estimators import classifier
 from luab_sk.estimators._training import NonFiniteObjectiveError, train_module
 from luab_sk.estimators.classifier import LUABClassifier
 
@@ -82,14 +83,40 @@ def test_unscaled_features_without_standardize_warn(blobs):
         LUABClassifier(hidden_size=8, standardize=False, max_iter=10, random_state=0).fit(X * 1e6 + 1e6, y)
 
 
-def test_a_failed_fit_keeps_no_model(blobs, monkeypatch):
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_a_failed_fit_keeps_no_model(blobs, monkeypatch, head):
     X, y, Z = blobs
-    clf = LUABClassifier(head="linear", max_iter=5, random_state=0)
+    clf = LUABClassifier(head=head, max_iter=5, random_state=0)
     monkeypatch.setattr(clf, "_objective", lambda *args: torch.tensor(float("nan"), requires_grad=True))
-    with pytest.raises(NonFiniteObjectiveError):
+    if head == "linear":  # the convex solver does not call _objective: break its solution instead
+        solver = classifier.fit_linear_head
+
+        def broken(module, *args, **kwargs):
+            fit = solver(module, *args, **kwargs)
+            with torch.no_grad():
+                module.trunk.weight[0, 0] = float("nan")
+            return fit
+
+        monkeypatch.setattr(classifier, "fit_linear_head", broken)
+    match = "parameter became nan" if head == "linear" else "objective became nan"
+    with pytest.raises(NonFiniteObjectiveError, match=match):
         clf.fit(X, y, Z=Z)
     with pytest.raises(NotFittedError):
         clf.predict(X)
+
+
+def test_a_non_finite_convex_objective_stops_the_fit(blobs, monkeypatch):
+    X, y, Z = blobs
+    solver = classifier.fit_linear_head
+
+    def diverging(*args, **kwargs):
+        fit = solver(*args, **kwargs)
+        fit.objective = float("inf")
+        return fit
+
+    monkeypatch.setattr(classifier, "fit_linear_head", diverging)
+    with pytest.raises(NonFiniteObjectiveError, match=r"objective became inf .*lbfgs, convex"):
+        LUABClassifier(head="linear", max_iter=5, random_state=0).fit(X, y, Z=Z)
 
 
 def test_warm_start_refuses_another_head_and_explains_missing_z(blobs):
@@ -116,7 +143,7 @@ def test_binary_per_class_clicks_and_impute_neighbors_get_precise_messages(blobs
         LUABClassifier(impute_byproducts="knn").fit(X, y, Z=Z)
 
 
-@pytest.mark.parametrize("head", ["mlp", "attention"])
+@pytest.mark.parametrize("head", ["linear", "mlp", "attention"])
 def test_fits_in_concurrent_threads_equal_serial_fits(blobs, head):
     X, y, Z = blobs
     if head == "attention":

@@ -273,6 +273,10 @@ def test_extract_on_ray_needs_a_cache_dir_before_any_work(tmp_path, capsys):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     out = ["--out", str(tmp_path / "f")]
     _error_line(capsys, ["extract", str(image), "--ray", *out], "--ray needs --cache-dir")
-    _error_line(capsys, ["extract", "--ray", str(image), str(image), "--cache-dir", str(tmp_path), *out],
-                "--ray took", "write --ray=ADDRESS")
+    _error_line(
+        capsys,
+        ["extract", "--ray", str(image), str(image), "--cache-dir", str(tmp_path), *out],
+        "--ray took",
+        "write --ray=ADDRESS",
+    )
     assert not (tmp_path / "f.npz").exists()

@@ -142,8 +142,13 @@ def test_torch_tensors_match_numpy_and_keep_dtype():
     points = np.array([[0.1, 0.2, np.nan, np.nan], [0.7, 0.9, 0.3, 0.4]])
     tensor = torch.tensor(points, dtype=torch.float32)
     box, size = (10, 20, 50, 60), (100, 100)
-    for fn, args in [(hflip_points, ()), (crop_points, (box, size)), (uncrop_points, (box, size)),
-                     (pixel_to_normalized, (size,)), (normalized_to_pixel, (size,))]:
+    for fn, args in [
+        (hflip_points, ()),
+        (crop_points, (box, size)),
+        (uncrop_points, (box, size)),
+        (pixel_to_normalized, (size,)),
+        (normalized_to_pixel, (size,)),
+    ]:
         out = fn(tensor, *args)
         assert torch.is_tensor(out) and out.dtype == torch.float32 and out.shape == tensor.shape
         np.testing.assert_allclose(out.numpy(), fn(points, *args), atol=1e-5, equal_nan=True)

@@ -15,8 +15,9 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     (code,) = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
-    truth = make_imagenet_ab_like(tmp_path / "train_xml", n_classes=2, n_per_class=10, n_malformed=1,
-                                  random_state=0)
+    truth = make_imagenet_ab_like(
+        tmp_path / "train_xml", n_classes=2, n_per_class=10, n_malformed=1, random_state=0
+    )
     rng = np.random.default_rng(0)
     images = []
     for key, (width, height) in zip(truth.image_keys, truth.image_sizes):

@@ -19,6 +19,7 @@ from .._utils import resolve_device
 from ..nn import (
     HEADS,
     Timer,
+    TrainResult,
     build_head,
     feature_moments,
     head_spec,
@@ -29,6 +30,8 @@ from ..nn import (
     train_module,
     whitened,
 )
+from ..nn.engine import check_finite_objective, check_finite_parameters
+from ..nn.solvers import fit_linear_head
 from ._base import (
     LUABClassifierMixin,
     check_warm_head,
@@ -50,6 +53,8 @@ _PREDICT_CHUNK = 8192
 # and warns when the fitted loss exceeds the prior's by this relative (and absolute) margin.
 _PRIOR_CHECK_ROWS = 8192
 _PRIOR_MARGIN = 1e-2
+# The convex solver needs tol > 0 (its nuclear norm is smoothed at tol / 10): tol=0 is raised to this.
+_CONVEX_MIN_TOL = 1e-10
 
 
 class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
@@ -104,7 +109,17 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     solver : {"auto", "lbfgs", "adamw"}, default="auto"
         ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` (strong Wolfe line search), for small and
         medium problems. ``"adamw"``: mini-batch AdamW. ``"auto"``: L-BFGS up to 1e8 input elements.
-        The linear head starts from reduced-rank ridge regression of the labels and byproducts on X
+        The linear head with ``"lbfgs"`` (and no ``early_stopping``) is trained by its convex form
+        instead (:func:`~luab_sk.nn.solvers.fit_linear_head`): the ``alpha / 2`` penalty on both factors
+        equals ``alpha`` times the nuclear norm of their product ``M = W2 @ W1`` at the optimum, so the
+        same objective is minimised over ``M`` (label and byproduct rows) by L-BFGS in whitened
+        coordinates with a smoothed nuclear norm from a ridge start, finished by exact proximal steps
+        when it stalls; the balanced factors of ``M`` are loaded into the head. Convex and
+        deterministic: no spurious stationary points, and the seed does not matter. When
+        ``hidden_size`` caps the rank below ``min(n_features, n_outputs + n_byproducts)`` the problem
+        is rank constrained (not convex) and rank-capped proximal gradient steps finish the solve.
+        Otherwise (AdamW, or L-BFGS with ``early_stopping``, which monitors every iteration) the linear
+        head starts from reduced-rank ridge regression of the labels and byproducts on X
         (:func:`~luab_sk.nn.reduced_rank_init_`, deterministic), and L-BFGS optimises its trunk in
         whitened coordinates (:func:`~luab_sk.nn.whitened`; same objective, better conditioned).
     max_iter : int, default=200
@@ -115,7 +130,12 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         loss) with respect to the optimised parameters (the linear head's trunk in whitened coordinates, see
         ``solver``) is at most ``tol`` (scikit-learn's ``gtol``), with a stall guard; AdamW stops when the
         epoch loss has not fallen by ``tol`` for ``n_iter_no_change`` epochs, and with ``early_stopping`` a
-        validation score must improve by more than ``tol`` to reset the patience.
+        validation score must improve by more than ``tol`` to reset the patience. The convex solver of the
+        linear head (see ``solver``) uses the prox-gradient optimality rule, ``gtol`` carried over to the
+        non-smooth objective: it stops when the largest entry of ``M - prox(M - grad f(M))`` (unit step,
+        the prox of ``alpha ||.||_*``; zero exactly at the optimum) and of the bias gradient is at most
+        ``tol`` and the quasi-Newton estimate of the remaining decrease is at most ``tol`` (see
+        :func:`~luab_sk.nn.solvers.fit_linear_probe`); ``tol=0`` is raised to 1e-10 there.
     batch_size : int, default=256
         AdamW mini-batch size.
     learning_rate : float, default=1e-3
@@ -154,11 +174,14 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     module_ : torch.nn.Module
         The trained head (a :class:`~luab_sk.nn.PooledHead` or :class:`~luab_sk.nn.AttentionHead`).
     n_iter_ : int
-        Iterations (L-BFGS) or epochs (AdamW) run.
+        Iterations (L-BFGS, or the convex solver's L-BFGS and proximal steps) or epochs (AdamW) run.
     epoch_times_, epoch_cpu_times_ : list of float
-        Wall-clock and CPU seconds of every iteration/epoch (the engine's :class:`~luab_sk.nn.Timer` hook).
+        Wall-clock and CPU seconds of every iteration/epoch (the engine's :class:`~luab_sk.nn.Timer` hook);
+        one entry, the whole solve, for the convex solver of the linear head.
     loss_curve_ : list of float
-        Training objective per iteration/epoch.
+        Training objective per iteration/epoch. The convex solver's curve starts with the objective at
+        its starting point and holds ``f + alpha ||M||_*`` (smoothed during its L-BFGS phase; see
+        :class:`~luab_sk.nn.solvers.LinearProbeFit`).
     validation_scores_ : list of float
         Negative validation label loss per iteration/epoch (with ``early_stopping``).
     n_byproducts_ : int
@@ -348,26 +371,29 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             validation = ([x_all[val_index], y_all[val_index], w_all[val_index]], self._validation_score)
             data = [None if t is None else t[train_index] for t in data]
         solver = self._resolve_solver(X)
-        precondition = self._closed_form_start(module, data, solver=solver, warm=warm)
-        generator = torch.Generator().manual_seed(seed)
         timer = Timer(device)
-        with precondition:
-            result = train_module(
-                module,
-                self._objective,
-                data,
-                solver=solver,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                alpha=self.alpha,
-                batch_size=self.batch_size,
-                learning_rate=self.learning_rate,
-                n_iter_no_change=self.n_iter_no_change,
-                validation=validation,
-                generator=generator,
-                verbose=self.verbose,
-                callbacks=[timer],
-            )
+        if head_spec(self.head).convex_solver and solver == "lbfgs" and validation is None:
+            result = self._fit_convex(module, data, device=device, warm=warm, timer=timer)
+        else:
+            precondition = self._closed_form_start(module, data, solver=solver, warm=warm)
+            generator = torch.Generator().manual_seed(seed)
+            with precondition:
+                result = train_module(
+                    module,
+                    self._objective,
+                    data,
+                    solver=solver,
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    alpha=self.alpha,
+                    batch_size=self.batch_size,
+                    learning_rate=self.learning_rate,
+                    n_iter_no_change=self.n_iter_no_change,
+                    validation=validation,
+                    generator=generator,
+                    verbose=self.verbose,
+                    callbacks=[timer],
+                )
         self.module_ = module
         self.n_iter_ = result.n_iter
         self.loss_curve_ = result.loss_curve
@@ -383,8 +409,44 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self._warn_if_worse_than_prior(data, n_outputs, solver)
         return self
 
+    def _fit_convex(self, module, data, *, device, warm, timer):
+        """Train a head with ``HeadSpec.convex_solver`` (the linear head) by its convex form, in place.
+
+        :func:`~luab_sk.nn.solvers.fit_linear_head` minimises ``f + alpha ||W2 W1||_*`` (the factored
+        objective's minimum over factorisations of the same map) and loads the balanced factors, whose
+        ``alpha / 2`` L2 term equals ``alpha ||W2 W1||_*``. Deterministic: no random numbers are drawn.
+        ``timer`` gets one entry, the whole solve. Raises :class:`~luab_sk.nn.NonFiniteObjectiveError`
+        when the solution or its objective is not finite.
+        """
+        x_fit, y_fit, z_fit, w_fit = data
+        name = "lbfgs, convex"
+        timer.on_epoch_begin(None)
+        fit = fit_linear_head(
+            module,
+            x_fit,
+            y_fit,
+            z_fit,
+            w_fit,
+            task=self.task_,
+            alpha=float(self.alpha),
+            byproduct_weight=float(self.byproduct_weight),
+            byproduct_loss=self.byproduct_loss,
+            tol=max(float(self.tol), _CONVEX_MIN_TOL),
+            max_iter=int(self.max_iter),
+            device=device,
+            warm_start=warm,
+            verbose=self.verbose,
+        )
+        timer.on_epoch_end(None)
+        for i, value in enumerate(fit.loss_curve):
+            check_finite_objective(float(value), i, solver=name)
+        check_finite_objective(float(fit.objective), fit.n_iter, solver=name)
+        check_finite_parameters(module, fit.n_iter, solver=name)
+        return TrainResult(fit.n_iter, [float(v) for v in fit.loss_curve], [], bool(fit.converged))
+
     def _closed_form_start(self, module, data, *, solver, warm):
-        """The hook for heads with a closed-form start (``HeadSpec.closed_form_init``: the linear head).
+        """The hook for heads with a closed-form start (``HeadSpec.closed_form_init``: the linear head),
+        on the iterative path (AdamW, or L-BFGS with early stopping; otherwise :meth:`_fit_convex`).
 
         Fit the head in closed form on the training data and load the weights into ``module`` (a fresh
         fit only; a warm start continues from the fitted weights), then return the context that L-BFGS

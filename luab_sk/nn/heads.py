@@ -66,6 +66,11 @@ class HeadSpec(NamedTuple):
     rank_bottleneck : bool
         ``hidden_size`` is the rank of a linear map: a rank above ``n_outputs + n_byproducts`` (or the input
         width) represents nothing new, so estimators cap it.
+    convex_solver : bool
+        Full-batch training has an equivalent convex problem and a solver for it
+        (:func:`~luab_sk.nn.solvers.fit_linear_head`: the linear bottleneck, whose ``alpha / 2`` on both
+        factors is ``alpha`` times the nuclear norm of their product at the optimum); estimators use it
+        instead of L-BFGS on the factors.
     """
 
     name: str
@@ -73,6 +78,7 @@ class HeadSpec(NamedTuple):
     targets: tuple[str, ...]
     closed_form_init: bool = False
     rank_bottleneck: bool = False
+    convex_solver: bool = False
 
     @property
     def spatial(self) -> bool:
@@ -82,7 +88,9 @@ class HeadSpec(NamedTuple):
 
 #: The head registry: one :class:`HeadSpec` per ``head`` value, in the estimators' documented order.
 HEADS: dict[str, HeadSpec] = {
-    "linear": HeadSpec("linear", "pooled", ("regression",), closed_form_init=True, rank_bottleneck=True),
+    "linear": HeadSpec(
+        "linear", "pooled", ("regression",), closed_form_init=True, rank_bottleneck=True, convex_solver=True
+    ),
     "mlp": HeadSpec("mlp", "pooled", ("regression",)),
     "attention": HeadSpec("attention", "tokens", ("heatmap", "point")),
 }
