@@ -69,8 +69,8 @@ from threadpoolctl import threadpool_limits
 
 from luab_sk._utils import resolve_device
 from luab_sk.datasets.synthetic import make_embedding_classification
-from luab_sk.estimators._training import l2_penalty
 from luab_sk.estimators.classifier import LUABClassifier
+from luab_sk.nn.engine import l2_penalty
 from luab_sk.nn.solvers import LinearProbeLoss, fit_linear_probe, probe_optimality
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -10,8 +10,8 @@ from sklearn.exceptions import ConvergenceWarning, NotFittedError
 
 from luab_sk.datasets.synthetic import make_embedding_classification
 from luab_sk.estimators import classifier
-from luab_sk.estimators._training import NonFiniteObjectiveError, train_module
 from luab_sk.estimators.classifier import LUABClassifier
+from luab_sk.nn.engine import NonFiniteObjectiveError, train_module
 
 
 def _logistic_problem():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from luab_sk.estimators._training import l2_penalty
 from luab_sk.nn import PooledHead, build_head, feature_moments, label_loss, reduced_rank_init_, whitened
+from luab_sk.nn.engine import l2_penalty
 
 NAN = float("nan")
 
