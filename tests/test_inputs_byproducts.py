@@ -286,7 +286,8 @@ def test_coco_impossible_click_is_missing_for_the_encoder(tmp_path):
     text = path.read_text().replace("1.7", "0.45", 1)  # only record 1's move goes off the image
     path.write_text(text)
     records = read_coco_ab(path, on_error="skip")
-    enc = ByproductEncoder(kind=["points_per_class", "heatmap"], per_class_position="final").fit(records)
+    enc = ByproductEncoder(kind=["points_per_class", "heatmap"], per_class_position="final", classes=["dog"])
+    enc.fit(records)
     Z = enc.transform(records)
     assert np.isfinite(Z).all()  # the off-image move is ignored: the icon stays where it was added
     np.testing.assert_allclose(Z[:, :2], [[0.45, 0.5], [0.4, 0.5]])
