@@ -39,8 +39,13 @@ def test_uniform_l2_matches_kneighbors_classifier(digits):
     X, y, Xq, _ = digits
     ours = FaissKNNClassifier(n_neighbors=5, metric="l2", weights="uniform").fit(X, y)
     ref = KNeighborsClassifier(n_neighbors=5, algorithm="brute").fit(X, y)
-    np.testing.assert_allclose(ours.predict_proba(Xq), ref.predict_proba(Xq))
-    np.testing.assert_array_equal(ours.predict(Xq), ref.predict(Xq))
+    # Digits' squared distances are integers, but a tie at the 5th neighbour may be broken differently by
+    # the two libraries: compare the queries whose neighbour set is unique.
+    d2 = np.sort(((Xq[:, None, :] - X[None, :, :]) ** 2).sum(axis=2), axis=1)
+    untied = d2[:, 4] < d2[:, 5]
+    assert untied.mean() > 0.5
+    np.testing.assert_allclose(ours.predict_proba(Xq)[untied], ref.predict_proba(Xq)[untied])
+    np.testing.assert_array_equal(ours.predict(Xq)[untied], ref.predict(Xq)[untied])
 
 
 def test_temperature_votes_are_dino_weights(digits):
