@@ -52,6 +52,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import Bunch
 
 from ._io import atomic_write
+from .byproducts._records import strict_number
 from .byproducts.geometry import center_crop_box, crop_points
 from .datasets.spurious import DEFAULT_SCENE_PARAMS, foreground_crops, make_spurious_benchmark
 from .estimators.classifier import LUABClassifier
@@ -316,10 +317,22 @@ class StudyData:
         if missing:
             raise ValueError(f"{str(path)!r} lacks the columns {sorted(missing)} (see StudyData.from_csv).")
 
+        def number(row, line, column):
+            text = (row[column] or "").strip()
+            if not text:
+                return np.nan
+            try:
+                return strict_number(text, "unit")
+            except ValueError as err:  # ImpossibleValue included
+                raise ValueError(
+                    f"{str(path)!r} line {line}, column {column!r}: {text!r} is not a number in [0, 1] "
+                    "(image coordinates; leave the cell empty for a missing value)."
+                ) from err
+
         def numbers(names):
             if not set(names) <= fields:
                 return None
-            return np.array([[float(r[c]) if r[c].strip() else np.nan for c in names] for r in rows])
+            return np.array([[number(r, line, c) for c in names] for line, r in enumerate(rows, start=2)])
 
         root = path.parent
         images = [str(p if (p := Path(r["path"])).is_absolute() else root / p) for r in rows]

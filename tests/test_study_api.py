@@ -298,3 +298,17 @@ def test_two_stage_hook_is_two_method_entries():
     cols = _features()
     data = StudyData.from_features(cols.pop("y"), cols.pop("split"), **cols)
     assert lines["two-stage, Z"].missing(data) == ["images"]  # it crops images: features are not enough
+
+
+@pytest.mark.parametrize(
+    ("cell", "column"),
+    [("abc", "click_x"), ("0_5", "click_x"), ("1.7", "click_x"), ("inf", "click_x"), ("-0.1", "click_y")],
+)
+def test_csv_numbers_are_strict_and_errors_name_the_cell(tmp_path, cell, column):
+    click = {"click_x": "0.5", "click_y": "0.5", column: cell}
+    rows = ["path,label,split,click_x,click_y", "a.png,0,train,0.5,0.5"]
+    rows.append(f"b.png,1,test,{click['click_x']},{click['click_y']}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    match = rf"data\.csv' line 3, column '{column}': '{cell}' is not a number in \[0, 1\]"
+    with pytest.raises(ValueError, match=match):
+        StudyData.from_csv(tmp_path / "data.csv")
