@@ -350,8 +350,11 @@ class StudyData:
     def from_npz(cls, path):
         """Study data from an ``.npz`` of features: ``y``, ``split`` and ``pooled`` and/or ``tokens`` (with
         ``grid``), optionally ``group``, ``Z``, ``boxes`` (in the features' frame) and ``class_names``."""
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+        except (ValueError, OSError, EOFError) as err:  # object arrays (pickles) are refused, never loaded
+            raise ValueError(f"{str(path)!r} is not a readable .npz of plain arrays: {err}") from err
         missing = {"y", "split"} - set(arrays)
         if missing or not {"pooled", "tokens"} & set(arrays):
             raise ValueError(

@@ -312,3 +312,9 @@ def test_csv_numbers_are_strict_and_errors_name_the_cell(tmp_path, cell, column)
     match = rf"data\.csv' line 3, column '{column}': '{cell}' is not a number in \[0, 1\]"
     with pytest.raises(ValueError, match=match):
         StudyData.from_csv(tmp_path / "data.csv")
+
+
+def test_npz_with_object_arrays_is_refused_naming_the_file(tmp_path):
+    np.savez(tmp_path / "f.npz", y=np.array([0, 1], dtype=object), split=np.array(["train", "test"]))
+    with pytest.raises(ValueError, match=r"f\.npz' is not a readable \.npz of plain arrays"):
+        StudyData.from_npz(tmp_path / "f.npz")
