@@ -431,3 +431,23 @@ def test_coco_generator_given_images_and_instances(tmp_path):
 def test_generator_argument_errors(tmp_path, call, match):
     with pytest.raises(ValueError, match=match):
         call(tmp_path)
+
+
+def test_n_jobs_none_follows_joblib_parallel_config(tmp_path, monkeypatch):
+    import joblib
+
+    from luab_sk.byproducts import imagenet_ab
+
+    make_imagenet_ab_like(tmp_path, n_classes=2, n_per_class=4, random_state=0)
+    expected = read_imagenet_ab(tmp_path, chunk_size=2)
+    calls = []
+    original = imagenet_ab._parse_in_parallel
+    monkeypatch.setattr(
+        imagenet_ab, "_parse_in_parallel", lambda *a: calls.append(a[-1]) or original(*a)
+    )
+    with joblib.parallel_config(backend="threading", n_jobs=2):
+        got = read_imagenet_ab(tmp_path, chunk_size=2)
+    assert calls == [None]  # parsed in parallel without an explicit n_jobs
+    assert [r.key for r in got] == [r.key for r in expected]
+    read_imagenet_ab(tmp_path, chunk_size=2)
+    assert calls == [None]  # outside parallel_config: sequential

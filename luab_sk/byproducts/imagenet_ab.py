@@ -466,7 +466,7 @@ def iter_imagenet_ab_chunks(
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size!r}.")
     paths, errors = _resolve_paths(source, keys)
     chunks = [paths[i : i + chunk_size] for i in range(0, len(paths), chunk_size)]
-    if n_jobs in (None, 1) or len(chunks) <= 1:
+    if effective_n_jobs(n_jobs) == 1 or len(chunks) <= 1:  # None: joblib's parallel_config (default 1)
         results = (_parse_chunk(chunk, traces) for chunk in chunks)
     else:
         results = _parse_in_parallel(chunks, traces, n_jobs)
@@ -500,7 +500,8 @@ def read_imagenet_ab(source, keys=None, *, on_error="raise", traces=True, n_jobs
     traces : bool, default=True
         Parse mouse traces and hover records.
     n_jobs : int, optional
-        Processes to parse with (joblib); None means 1, -1 all cores.
+        Processes to parse with (joblib); -1 all cores. None follows joblib's current setting: 1, unless
+        inside ``joblib.parallel_config(n_jobs=...)`` (which also selects the backend, e.g. Ray's).
     chunk_size : int, default=2000
         Files per joblib task.
 
