@@ -470,16 +470,8 @@ class EmbeddingCache:
 
     def write_shard(self, ids, arrays: dict[str, np.ndarray]) -> None:
         """Commit rows atomically: write the shard files, then list them in the manifest under the lock."""
-        ids = np.asarray(ids, dtype=_ID_DTYPE)
-        if set(arrays) != set(self.outputs) or any(len(a) != len(ids) for a in arrays.values()):
-            raise ValueError(f"write_shard needs {self.outputs} arrays of {len(ids)} rows each.")
-        shard_id = uuid.uuid4().hex
-        files = {}
-        for kind, arr in (("ids", ids), *arrays.items()):
-            path = self._shards / f"{shard_id}.{kind}.npy"
-            atomic_write(path, lambda fh, a=arr: np.save(fh, np.ascontiguousarray(a), allow_pickle=False))
-            files[kind] = {"name": path.name, "sha256": file_sha256(path)}
-        entry = {"id": shard_id, "rows": len(ids), "files": files}
+        entry = self._write_files(ids, arrays, "write_shard")
+        shard_id = entry["id"]
         with _locked(self._lock, self.lock_timeout):
             shards = self._read_manifest()
             if all(shard["id"] != shard_id for shard in shards):  # a rebuild may have listed it already
@@ -500,9 +492,13 @@ class EmbeddingCache:
         dict
             The manifest entry: ``{"id", "rows", "files": {kind: {"name", "sha256"}}}`` (JSON-serialisable).
         """
+        return self._write_files(ids, arrays, "write_shard_files")
+
+    def _write_files(self, ids, arrays: dict[str, np.ndarray], method: str) -> dict:
+        """Write a shard's files (each atomically, with its checksum); return its manifest entry."""
         ids = np.asarray(ids, dtype=_ID_DTYPE)
         if set(arrays) != set(self.outputs) or any(len(a) != len(ids) for a in arrays.values()):
-            raise ValueError(f"write_shard_files needs {self.outputs} arrays of {len(ids)} rows each.")
+            raise ValueError(f"{method} needs {self.outputs} arrays of {len(ids)} rows each.")
         shard_id = uuid.uuid4().hex
         files = {}
         for kind, arr in (("ids", ids), *arrays.items()):
