@@ -84,8 +84,12 @@ def cpu_seconds() -> tuple[float, float]:
     return machine, times.user + times.system
 
 
-def make_photos(folder: Path, n: int) -> list[str]:
-    """JPEG files of varied sizes cut from scikit-image's bundled photos (real decode work)."""
+def make_photos(folder: Path, n: int, long_side: tuple[int, int] | None = None) -> list[str]:
+    """JPEG files of varied sizes cut from scikit-image's bundled photos (real decode work).
+
+    With ``long_side=(low, high)`` each crop is resized (bicubic) so that its long side is drawn uniformly
+    from that range, as ImageNet's photos are (``benchmarks/gpu_decode.py`` uses (400, 1000)).
+    """
     from skimage import data
 
     sources = [data.coffee(), data.chelsea(), data.astronaut(), data.rocket(), data.hubble_deep_field()]
@@ -97,6 +101,10 @@ def make_photos(folder: Path, n: int) -> list[str]:
         ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
         y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
         img = Image.fromarray(np.ascontiguousarray(src[y : y + ch, x : x + cw, :3]))
+        if long_side is not None:
+            scale = rng.uniform(*long_side) / max(img.size)
+            size = (round(img.size[0] * scale), round(img.size[1] * scale))
+            img = img.resize(size, Image.Resampling.BICUBIC)
         path = folder / f"photo_{i:05d}.jpg"
         img.save(path, quality=90)
         paths.append(str(path))

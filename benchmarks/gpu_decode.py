@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from extract_speed import make_photos  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from PIL import Image  # noqa: E402
 from torchvision import transforms  # noqa: E402
 
@@ -44,27 +45,6 @@ from luab_sk.features.gpu_decode import TensorDecodeLoader, probe_decode  # noqa
 from luab_sk.features.images import ImageDataset  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def make_photos(folder: Path, n: int) -> list[str]:
-    """ImageNet-like JPEGs (long side 400-1000 px, quality 90) cut from scikit-image's bundled photos."""
-    from skimage import data
-
-    sources = [data.coffee(), data.chelsea(), data.astronaut(), data.rocket(), data.hubble_deep_field()]
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        src = sources[i % len(sources)]
-        h, w = src.shape[:2]
-        ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
-        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        img = Image.fromarray(np.ascontiguousarray(src[y : y + ch, x : x + cw, :3]))
-        scale = rng.uniform(400, 1000) / max(img.size)
-        img = img.resize((round(img.size[0] * scale), round(img.size[1] * scale)), Image.Resampling.BICUBIC)
-        path = folder / f"photo_{i:05d}.jpg"
-        img.save(path, quality=90)
-        paths.append(str(path))
-    return paths
 
 
 def device_name(device: torch.device) -> str:
@@ -169,7 +149,7 @@ def main(argv=None):
     backbone = load_backbone(args.backbone, args.pretrained)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = make_photos(Path(tmp), args.n)
+        paths = make_photos(Path(tmp), args.n, long_side=(400, 1000))  # ImageNet-like JPEGs
         sizes = [Image.open(p).size for p in paths]
         env["mean_image_size"] = [
             float(np.mean([s[0] for s in sizes])),
