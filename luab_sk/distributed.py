@@ -317,10 +317,8 @@ def extract_with_ray(
     """
     from tqdm.auto import tqdm
 
-    from ._io import atomic_write
     from .features.cache import EmbeddingCache
     from .features.extractor import _Items
-    from .features.images import describe_item
 
     ray = _import_ray()
     fe = extractor
@@ -367,19 +365,14 @@ def extract_with_ray(
     timeout = getattr(fe, "cache_lock_timeout", 600.0)
     cache = EmbeddingCache(params["cache_dir"], plan["config"], outputs, lock_timeout=timeout, layout=layout)
     fe.cache_key_ = cache.key
-    if plan["projection"] is not None and not (cache.path / "projection.npy").exists():
-        projection = plan["projection"]
-        atomic_write(cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False))
+    if plan["projection"] is not None:
+        cache.write_projection(plan["projection"])
 
     failed: dict[int, tuple] = {}
     ids = fe._image_ids(items, failed)
     _adopt_receipts(cache)  # work finished by a previous, interrupted run
-    found = cache.lookup(ids)
-    first_pos: dict[str, int] = {}
-    for i, ident in enumerate(ids):
-        if ident is not None and ident not in found:
-            first_pos.setdefault(ident, i)
-    todo = sorted(first_pos.values())
+    found, missing = cache.lookup_missing(ids)
+    todo = sorted(missing.values())
 
     n_encoded = 0
     if todo:
@@ -391,20 +384,8 @@ def extract_with_ray(
 
     fe.n_encoded_ = n_encoded
     fe.n_cached_ = sum(ident is not None and ident in found for ident in ids)
-    final = cache.lookup(ids)
-    for i, ident in enumerate(ids):  # duplicates of an image that failed to decode
-        if ident is not None and ident not in final and i not in failed:
-            first = first_pos.get(ident)
-            message = failed[first][2] if first in failed else "not encoded"
-            failed[i] = (i, describe_item(items[i]), message)
-    good = [i for i in range(len(items)) if i not in failed]
-    rows = cache.gather([ids[i] for i in good], final)
+    rows = fe._served_rows(cache, items, ids, missing, failed)
     fe.failed_ = [failed[p] for p in sorted(failed)]
-    if len(good) < len(items):
-        result = fe._nan_rows(len(items))
-        for k, a in rows.items():
-            result[k][good] = a
-        rows = result
     return rows if fe.output == "both" else rows[fe.output]
 
 

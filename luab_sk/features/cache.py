@@ -468,6 +468,33 @@ class EmbeddingCache:
             return self.lookup(ids)
         return found
 
+    def lookup_missing(self, ids) -> tuple[dict[str, tuple[str, int]], dict[str, int]]:
+        """:meth:`lookup`, plus the identifiers to compute, each mapped to its first position in ``ids``.
+
+        None identifiers (unreadable items) are neither found nor missing.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> cache = EmbeddingCache(tempfile.mkdtemp(), {"model": "demo"}, ("pooled",))
+        >>> cache.write_shard(["a"], {"pooled": np.zeros((1, 2), np.float32)})
+        >>> found, missing = cache.lookup_missing(["b", "a", None, "b", "c"])
+        >>> sorted(found), missing
+        (['a'], {'b': 0, 'c': 4})
+        """
+        found = self.lookup(ids)
+        missing: dict[str, int] = {}
+        for i, ident in enumerate(ids):
+            if ident is not None and ident not in found:
+                missing.setdefault(ident, i)
+        return found, missing
+
+    def write_projection(self, projection: np.ndarray) -> None:
+        """Store the token projection as ``projection.npy`` (once; a record for the user, never read back)."""
+        path = self.path / "projection.npy"
+        if not path.exists():
+            atomic_write(path, lambda fh: np.save(fh, projection, allow_pickle=False))
+
     def write_shard(self, ids, arrays: dict[str, np.ndarray]) -> None:
         """Commit rows atomically: write the shard files, then list them in the manifest under the lock."""
         entry = self._write_files(ids, arrays, "write_shard")

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
-from .._io import atomic_write
 from .._param_validation import Device, Integral, Interval, Real, StrOptions, _fit_context
 from .._utils import resolve_device
 from ._hashing import image_id
@@ -514,26 +513,29 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
             self.cache_dir, config, self._outputs(), lock_timeout=self.cache_lock_timeout, layout=layout
         )
         self.cache_key_ = cache.key
-        if self.projection_ is not None and not (cache.path / "projection.npy").exists():
-            projection = self.projection_
-            atomic_write(
-                cache.path / "projection.npy", lambda fh: np.save(fh, projection, allow_pickle=False)
-            )
+        if self.projection_ is not None:
+            cache.write_projection(self.projection_)
         ids = self._image_ids(items, failed)
-        found = cache.lookup(ids)
-        first_pos: dict[str, int] = {}
-        for i, ident in enumerate(ids):
-            if ident is not None and ident not in found:
-                first_pos.setdefault(ident, i)
-        todo = sorted(first_pos.values())
+        found, missing = cache.lookup_missing(ids)
+        todo = sorted(missing.values())
         writer = _ShardWriter(cache, ids, self._outputs(), self.shard_size)
         self.n_encoded_ = encode(todo, sink=writer, failed=failed) if todo else 0
         writer.flush(final=True)
         self.n_cached_ = sum(ident is not None and ident in found for ident in ids)
+        return self._served_rows(cache, items, ids, missing, failed)
+
+    def _served_rows(self, cache: EmbeddingCache, items, ids, missing: dict, failed: dict) -> dict:
+        """Every item's rows from the cache after encoding; NaN rows for the items in (or added to) failed.
+
+        A duplicate of an image that failed to decode fails with the same message (``missing`` maps each
+        identifier to its first position); a row that was never written fails as "not encoded".
+        """
         final = cache.lookup(ids)
-        for i, ident in enumerate(ids):  # duplicates of an image that failed to decode
+        for i, ident in enumerate(ids):
             if ident is not None and ident not in final and i not in failed:
-                failed[i] = (i, describe_item(items[i]), failed[first_pos[ident]][2])
+                first = missing.get(ident)
+                message = failed[first][2] if first in failed else "not encoded"
+                failed[i] = (i, describe_item(items[i]), message)
         good = [i for i in range(len(items)) if i not in failed]
         rows = cache.gather([ids[i] for i in good], final)
         if len(good) == len(items):
