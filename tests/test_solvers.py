@@ -278,3 +278,60 @@ def test_binary_and_multilabel_tasks_converge(task):
     assert fit.converged and fit.n_outputs == K and fit.coef.shape == (K + 3, x.shape[1])
     plain = fit_linear_probe(x, target, task=task, alpha=1e-3, byproduct_weight=0.0, tol=1e-6, max_iter=2000)
     assert plain.converged and plain.coef.shape == (K, x.shape[1])
+
+
+def test_minibatch_tol_stop_warm_start_and_init_checks(tmp_path):
+    x, y, _ = _data(n=600, dtype=torch.float32)
+    kw = dict(n_outputs=4, alpha=1e-4, batch_size=100, learning_rate=0.05)
+    stopped = fit_linear_probe_minibatch(
+        x.numpy(), y.numpy(), max_epochs=200, tol=1e-2, n_iter_no_change=3, **kw
+    )
+    assert stopped.converged and 4 <= stopped.n_iter < 200
+    # the rule: none of the last n_iter_no_change epochs improved on the best before it by tol
+    best = min(stopped.loss_curve[:-3])
+    for value in stopped.loss_curve[-3:]:
+        assert value >= best - 1e-2 * max(abs(best), 1.0)
+        best = min(best, value)
+    warm = fit_linear_probe_minibatch(
+        x.numpy(), y.numpy(), max_epochs=1, init=(stopped.coef, stopped.intercept), **kw
+    )
+    cold = fit_linear_probe_minibatch(x.numpy(), y.numpy(), max_epochs=1, **kw)
+    assert warm.loss_curve[0] < cold.loss_curve[0]
+    with pytest.raises(ValueError, match=r"init must be \(M, b\) of shapes \(4, 12\) and \(4,\)"):
+        fit_linear_probe_minibatch(x.numpy(), y.numpy(), init=(stopped.coef[:3], stopped.intercept), **kw)
+
+
+def test_byproduct_rows_are_rescaled_to_the_label_rows_curvature():
+    from luab_sk.nn.solvers import _row_scale
+
+    x, y, z = _data(n=400)
+    loss = LinearProbeLoss(x, y, z, task="multiclass", n_outputs=4, byproduct_weight=2.0, beta=0.5)
+    p = torch.bincount(y, minlength=4).double() / 400
+    label = float((p * (1 - p)).mean())
+    observed = (~torch.isnan(z)).double()
+    z_curv = 2.0 * observed.sum(0) / observed.sum() / 0.5  # weight * share of observed entries / beta
+    expected = torch.cat([torch.ones(4, dtype=torch.float64), (z_curv / label).sqrt()])
+    torch.testing.assert_close(_row_scale(loss), expected)
+    no_z = LinearProbeLoss(x, y, None, task="multiclass", n_outputs=4)
+    torch.testing.assert_close(_row_scale(no_z), torch.ones(4, dtype=torch.float64))
+
+
+def test_multiclass_intercepts_are_centred_and_an_optimal_warm_start_returns_at_once():
+    x, y, z = _data()
+    kw = dict(n_outputs=4, alpha=0.01, byproduct_weight=1.0, tol=1e-4, max_iter=500)
+    fit = fit_linear_probe(x, y, z, **kw)
+    assert fit.converged and abs(float(fit.intercept[:4].sum())) < 1e-10
+    again = fit_linear_probe(x, y, z, init=(fit.coef, fit.intercept), **kw)
+    assert again.n_iter == 0 and again.converged and torch.equal(again.coef, fit.coef)
+    assert again.objective == pytest.approx(fit.objective, rel=1e-12)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_default_tol_reaches_the_reference_objective_with_and_without_z(weight):
+    """The row preconditioning and the ridge start of the byproduct rows leave a small objective gap."""
+    x, y, z = _data(n=2000, d=40, k=6, n_classes=8)
+    kw = dict(n_outputs=8, alpha=1e-3, byproduct_weight=weight)
+    fit = fit_linear_probe(x.float(), y, z.float(), **kw)
+    ref = fit_linear_probe(x, y, z, tol=1e-8, max_iter=2000, **kw)
+    assert fit.converged
+    assert fit.objective - ref.objective < 1e-4 * max(1.0, abs(ref.objective))
