@@ -134,6 +134,7 @@ def worker(args):
     from sklearn.preprocessing import StandardScaler
 
     from luab_sk._utils import resolve_device
+    from luab_sk.estimators._base import streaming_standardization
     from luab_sk.nn.solvers import fit_linear_probe_minibatch
 
     warm = torch.zeros(1, requires_grad=True)
@@ -205,15 +206,7 @@ def worker(args):
             print(f"mini-batch solver on {device} ({row['device_name']})", file=sys.stderr)
             start = time.perf_counter()
             # one streaming pass for the standardisation (float64 accumulators)
-            total = np.zeros(X.shape[1])
-            squares = np.zeros(X.shape[1])
-            for lo in range(0, n, args.batch_size):
-                block = np.asarray(X[lo : lo + args.batch_size], dtype=np.float64)
-                total += block.sum(0)
-                squares += (block * block).sum(0)
-            mean = total / n
-            scale = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
-            scale[scale == 0] = 1.0
+            mean, scale = streaming_standardization(X, args.batch_size)
             setup_s = time.perf_counter() - start
             xt = torch.as_tensor(((X_test - mean) / scale).astype(np.float32), device=device)
             state = {"train_s": setup_s, "eval_s": 0.0, "t0": time.perf_counter(), "reached": False}

@@ -376,6 +376,31 @@ def nan_standardization(A: np.ndarray, axis: int | tuple[int, ...] = 0) -> tuple
     return mean, std
 
 
+def streaming_standardization(X, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and scale of a 2-D array read ``chunk_rows`` rows at a time (float64 sums).
+
+    For arrays too large to copy (a ``numpy.memmap`` is read, never copied whole); constant columns get
+    scale 1 as in :func:`nan_standardization`. X must be finite.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mean, scale = streaming_standardization(np.array([[1.0, 5.0], [3.0, 5.0]]), chunk_rows=1)
+    >>> mean.tolist(), scale.tolist()
+    ([2.0, 5.0], [1.0, 1.0])
+    """
+    n, d = X.shape
+    total, squares = np.zeros(d), np.zeros(d)
+    for lo in range(0, n, chunk_rows):
+        block = np.asarray(X[lo : lo + chunk_rows], dtype=np.float64)
+        total += block.sum(0)
+        squares += np.einsum("ij,ij->j", block, block)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    std[std < 1e-12 * np.maximum(1.0, np.abs(mean))] = 1.0
+    return mean, std
+
+
 def seed_from(random_state) -> int:
     """Draw a torch seed from a scikit-learn ``random_state`` (None, int or RandomState).
 

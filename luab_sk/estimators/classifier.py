@@ -31,12 +31,13 @@ from ..nn import (
     whitened,
 )
 from ..nn.engine import check_finite_objective, check_finite_parameters
-from ..nn.solvers import fit_linear_head
+from ..nn.solvers import fit_linear_head, fit_linear_probe_minibatch
 from ._base import (
     LUABClassifierMixin,
     check_warm_head,
     nan_standardization,
     seed_from,
+    streaming_standardization,
     validation_split,
 )
 
@@ -44,7 +45,8 @@ __all__ = ["LUABClassifier"]
 
 # Every byproduct_target some head supports (each head's HeadSpec says which ones it takes).
 BYPRODUCT_TARGETS = tuple(dict.fromkeys(t for spec in HEADS.values() for t in spec.targets))
-# solver="auto" uses full-batch L-BFGS up to this many input elements (samples x width), AdamW above.
+# solver="auto" uses full-batch L-BFGS up to this many input elements (samples x width); above, the linear
+# head's streaming mini-batch solver, and AdamW for the other heads.
 _LBFGS_MAX_ELEMENTS = 100_000_000
 # Token rows used to fit the width-reducing PCA of the attention head.
 _PCA_MAX_ROWS = 20_000
@@ -106,9 +108,21 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     alpha : float, default=1e-4
         L2 penalty: ``alpha / 2`` times the squared norm of every weight matrix, added to the mean loss (the
         one meaning in luab_sk, defined in :mod:`luab_sk.nn.engine`).
-    solver : {"auto", "lbfgs", "adamw"}, default="auto"
+    solver : {"auto", "lbfgs", "adamw", "minibatch"}, default="auto"
         ``"lbfgs"``: full-batch :class:`torch.optim.LBFGS` (strong Wolfe line search), for small and
-        medium problems. ``"adamw"``: mini-batch AdamW. ``"auto"``: L-BFGS up to 1e8 input elements.
+        medium problems. ``"adamw"``: mini-batch AdamW. ``"minibatch"`` (the linear head only): the
+        streaming solver :func:`~luab_sk.nn.solvers.fit_linear_probe_minibatch`, for probes too large
+        for full-batch solvers: X (for example a ``numpy.memmap`` of cached embeddings) is read in
+        contiguous blocks of ``batch_size`` rows and standardised per block, never copied whole; Adam at
+        ``learning_rate`` with a warm-up and a cosine decay over ``max_iter`` epochs, the nuclear-norm
+        penalty applied by periodic singular-value shrinkage; it stops early when the epoch objective has
+        not fallen by ``tol`` (relative) for ``n_iter_no_change`` epochs. Memory: one batch plus the
+        parameters and Adam's moments. ``"auto"``: L-BFGS up to 1e8 input elements (samples x width),
+        above that ``"minibatch"`` for the linear head (without ``early_stopping`` or
+        ``impute_byproducts``) and ``"adamw"`` otherwise. For large probes set ``max_iter`` to the
+        epochs you can afford (5-20), ``batch_size`` to a few thousand and ``learning_rate`` to about
+        1e-2 (what ``benchmarks/large_probe.py`` measured), and ``hidden_size`` to at least the number
+        of classes (a smaller bottleneck truncates the map's rank).
         The linear head with ``"lbfgs"`` (and no ``early_stopping``) is trained by its convex form
         instead (:func:`~luab_sk.nn.solvers.fit_linear_head`): the ``alpha / 2`` penalty on both factors
         equals ``alpha`` times the nuclear norm of their product ``M = W2 @ W1`` at the optimum, so the
@@ -273,7 +287,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         "glimpse": [Interval(Real, 0, None, closed="neither"), None],
         "n_components": [Interval(Integral, 1, None, closed="left"), None],
         "alpha": [Interval(Real, 0, None, closed="left")],
-        "solver": [StrOptions({"auto", "lbfgs", "adamw"})],
+        "solver": [StrOptions({"auto", "lbfgs", "adamw", "minibatch"})],
         "standardize": ["boolean"],
         "impute_byproducts": [StrOptions({"knn"}), None],
         "n_impute_neighbors": [Interval(Integral, 1, None, closed="left")],
@@ -329,14 +343,23 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         if Z is not None and self.impute_byproducts == "knn":
             _check_impute_neighbors(Z, self.n_impute_neighbors)
         seed = seed_from(self.random_state)
+        solver = self._resolve_solver(X)
+        streaming = solver == "minibatch"
+        if streaming:
+            self._check_minibatch()
 
         if warm:
-            X = self._transform_input(self._check_tokens(X))
+            X = X if streaming else self._transform_input(self._check_tokens(X))
         else:
             # A fresh fit forgets the previous model first: should it fail, the estimator is unfitted.
             vars(self).pop("module_", None)
             self.classes_, self.task_ = labels.classes, labels.task
-            X = self._fit_input_transform(X, seed)
+            if streaming:  # X (a memmap, say) is read block by block and standardised per batch
+                self.token_pca_ = None
+                if self.standardize:
+                    self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in streaming_standardization(X))
+            else:
+                X = self._fit_input_transform(X, seed)
         self.byproduct_target_ = byproduct_target
         if Z is not None and self.impute_byproducts == "knn":
             Z = self._impute(X, Z)
@@ -354,6 +377,10 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             module = copy.deepcopy(self.module_).to(device)
         else:
             module = self._build(X.shape[-1], n_outputs, seed, device)
+        timer = Timer(device)
+        if streaming:
+            result = self._fit_minibatch(module, X, labels.y, Z, sample_weight, device, warm, seed, timer)
+            return self._finish_fit(module, result, solver, timer, None)
 
         data = [
             _tensor(X, device),
@@ -370,8 +397,6 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             x_all, y_all, _, w_all = data
             validation = ([x_all[val_index], y_all[val_index], w_all[val_index]], self._validation_score)
             data = [None if t is None else t[train_index] for t in data]
-        solver = self._resolve_solver(X)
-        timer = Timer(device)
         if head_spec(self.head).convex_solver and solver == "lbfgs" and validation is None:
             result = self._fit_convex(module, data, device=device, warm=warm, timer=timer)
         else:
@@ -394,6 +419,11 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                     verbose=self.verbose,
                     callbacks=[timer],
                 )
+        return self._finish_fit(module, result, solver, timer, (data, n_outputs))
+
+    def _finish_fit(self, module, result, solver, timer, prior_check):
+        """Keep the trained module and its record; warn on no convergence (and, given the training data,
+        when the fit is worse than predicting the class frequencies)."""
         self.module_ = module
         self.n_iter_ = result.n_iter
         self.loss_curve_ = result.loss_curve
@@ -404,10 +434,71 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 f"LUABClassifier ({solver}) did not converge in max_iter={self.max_iter} iterations; "
                 "increase max_iter or tol.",
                 ConvergenceWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self._warn_if_worse_than_prior(data, n_outputs, solver)
+        if prior_check is not None:
+            self._warn_if_worse_than_prior(*prior_check, solver)
         return self
+
+    def _check_minibatch(self):
+        if not head_spec(self.head).convex_solver:
+            raise ValueError(
+                f"solver='minibatch' trains the linear head only, got head={self.head!r}; use 'adamw'."
+            )
+        if self.early_stopping:
+            raise ValueError("solver='minibatch' does not support early_stopping; use 'adamw' or 'lbfgs'.")
+        if self.impute_byproducts is not None:
+            raise ValueError(
+                "impute_byproducts='knn' needs all of X in memory, which solver='minibatch' avoids; impute Z "
+                "beforehand (KNNByproductImputer) or use solver='lbfgs' or 'adamw'."
+            )
+
+    def _fit_minibatch(self, module, X, y, Z, sample_weight, device, warm, seed, timer):
+        """Train the linear head by :func:`~luab_sk.nn.solvers.fit_linear_probe_minibatch`, in place.
+
+        X is read in contiguous blocks of ``batch_size`` rows and standardised per block (a memmap is
+        never copied); the map ``M`` (label rows over byproduct rows) is trained with Adam under the
+        nuclear-norm penalty of the head's objective, and its balanced factors are loaded into the head.
+        """
+        use_z = Z is not None and module.byproduct_head is not None and self.byproduct_weight > 0
+        init = None
+        if warm:  # continue from the head's current map (its product of factors)
+            with torch.no_grad():
+                heads = [module.label_head] + ([module.byproduct_head] if use_z else [])
+                init = (
+                    torch.cat([h.weight for h in heads]) @ module.trunk.weight,
+                    torch.cat([h.bias for h in heads]),
+                )
+        timer.on_epoch_begin(None)
+        fit = fit_linear_probe_minibatch(
+            X,
+            y,
+            Z if use_z else None,
+            None if sample_weight is None else np.asarray(sample_weight),
+            mean=self.x_mean_ if self.standardize else None,
+            scale=self.x_scale_ if self.standardize else None,
+            task=self.task_,
+            n_outputs=module.label_head.out_features,
+            alpha=float(self.alpha),
+            byproduct_weight=float(self.byproduct_weight) if use_z else 0.0,
+            byproduct_loss=self.byproduct_loss,
+            penalty="nuclear",
+            batch_size=int(self.batch_size),
+            max_epochs=int(self.max_iter),
+            learning_rate=float(self.learning_rate),
+            device=device,
+            seed=seed,
+            tol=float(self.tol),
+            n_iter_no_change=int(self.n_iter_no_change),
+            init=init,
+        )
+        timer.on_epoch_end(None)
+        name = "minibatch"
+        for i, value in enumerate(fit.loss_curve):
+            check_finite_objective(float(value), i, solver=name)
+        fit.load_into(module)
+        check_finite_parameters(module, fit.n_iter, solver=name)
+        return TrainResult(fit.n_iter, [float(v) for v in fit.loss_curve], [], bool(fit.converged))
 
     def _fit_convex(self, module, data, *, device, warm, timer):
         """Train a head with ``HeadSpec.convex_solver`` (the linear head) by its convex form, in place.
@@ -584,7 +675,11 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     def _resolve_solver(self, X):
         if self.solver != "auto":
             return self.solver
-        return "lbfgs" if X.size <= _LBFGS_MAX_ELEMENTS else "adamw"
+        if X.size <= _LBFGS_MAX_ELEMENTS:
+            return "lbfgs"
+        spec = head_spec(self.head)
+        streamable = spec.convex_solver and not self.early_stopping and self.impute_byproducts is None
+        return "minibatch" if streamable else "adamw"
 
     # -------------------------------------------------------------- predict
     def _outputs(self, X):
