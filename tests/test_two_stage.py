@@ -234,3 +234,131 @@ def test_input_errors(scenes):
 
 def test_param_validation():
     check_param_validation("TwoStageLUABClassifier", TwoStageLUABClassifier())
+
+
+# ---------------------------------------------------------------------- jittered crops (issue 11)
+def test_jittered_training_crops_are_used(scenes):
+    (X, y, Z, _), _ = scenes
+    n = len(X)
+    one = _fit(two_stage(classifier=RecordingClassifier()), X, y, Z=Z)
+    clf = _fit(two_stage(classifier=RecordingClassifier(), n_train_crops=3, crop_jitter=0.3), X, y, Z=Z)
+    assert clf.classifier_.X_.shape == (3 * n, 3) and clf.n_train_rows_ == 3 * n
+    assert one.n_train_rows_ == n
+    # crop-major rows: crop 0 of every image is the crop at the click, as with one crop
+    np.testing.assert_allclose(clf.classifier_.X_[:n], one.classifier_.X_)
+    # the extra crops are shifted: up to 0.3 x 12.8 px off a 16-px square, some catch the background
+    extra = clf.classifier_.X_[n:]
+    assert not np.allclose(extra, np.tile(one.classifier_.X_, (2, 1)), atol=1e-3)
+    # ... but stay near the object: the object's colour still dominates every crop
+    colour = np.tile(COLOURS[y] / 255.0, (2, 1))
+    assert (np.abs(extra - colour).max(axis=1) < 0.35).all()
+    # deterministic for an int seed (so cached crops repeat); another seed shifts other crops
+    again = _fit(clone(clf), X, y, Z=Z)
+    np.testing.assert_array_equal(again.classifier_.X_, clf.classifier_.X_)
+    other = _fit(clone(clf).set_params(random_state=1), X, y, Z=Z)
+    assert not np.array_equal(other.classifier_.X_[n:], clf.classifier_.X_[n:])
+    # crop j does not depend on n_train_crops (shared cache entries)
+    two = _fit(clone(clf).set_params(n_train_crops=2), X, y, Z=Z)
+    np.testing.assert_array_equal(two.classifier_.X_, clf.classifier_.X_[: 2 * n])
+    # the shifts have their own random stream: a second look does not move them
+    zoomed = _fit(clone(clf).set_params(zoom=0.5), X, y, Z=Z)
+    np.testing.assert_array_equal(zoomed.classifier_.X_, clf.classifier_.X_)
+    assert clf.__sklearn_tags__().non_deterministic is False
+    assert clone(clf).set_params(random_state=None).__sklearn_tags__().non_deterministic is True
+
+
+def test_scale_jitter_rescales_extra_training_crops(scenes):
+    (X, y, Z, _), _ = scenes
+    base = two_stage(classifier=RecordingClassifier(), n_train_crops=2, crop_jitter=0.0)
+    plain = _fit(clone(base), X, y, Z=Z)
+    np.testing.assert_allclose(plain.classifier_.X_[len(X) :], plain.classifier_.X_[: len(X)])
+    scaled = _fit(clone(base).set_params(scale_jitter=0.5), X, y, Z=Z)
+    np.testing.assert_array_equal(scaled.classifier_.X_[: len(X)], plain.classifier_.X_[: len(X)])
+    # larger crops (up to 19 px) around a 16-px square take in background: other mean colours
+    assert not np.allclose(scaled.classifier_.X_[len(X) :], plain.classifier_.X_[len(X) :], atol=1e-3)
+
+
+def test_test_time_crops_average_shifted_and_rescaled_crops(fitted, scenes):
+    clf = _with(fitted[0])  # prediction-time parameters change on a copy, not the shared fixture
+    (X, _, Z, _), _ = scenes
+    P = Z[:10]
+    centre = clf.crop_features(X[:10], P)
+    layouts = {
+        5: [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)],
+        9: [(dx, dy) for dy in (0, -1, 1) for dx in (0, -1, 1)],
+    }
+    shift = 0.25 * 0.2  # test_jitter x crop_size, in image coordinates of a square image
+    for k, layout in layouts.items():
+        clf.set_params(test_crops=k, test_jitter=0.25)
+        one = _with(clf, test_crops=1)
+        expected = np.mean(
+            [one.crop_features(X[:10], np.clip(P + np.array(d) * shift, 0, 1)) for d in layout], axis=0
+        )
+        np.testing.assert_allclose(clf.crop_features(X[:10], P), expected, atol=1e-6)
+        assert not np.allclose(clf.crop_features(X[:10], P), centre, atol=1e-4)
+    clf.set_params(test_crops=1, test_scales=(0.5, 1.0))
+    expected = (_with(clf, crop_size=0.1, test_scales=None).crop_features(X[:10], P) + centre) / 2
+    np.testing.assert_allclose(clf.crop_features(X[:10], P), expected, atol=1e-6)
+    # predictions read the averaged features
+    clf.set_params(test_crops=5, test_scales=None)
+    np.testing.assert_array_equal(clf.predict(X[:10]), clf.classifier_.predict(clf.crop_features(X[:10])))
+
+
+def _with(fitted_model, **params):
+    """A copy of a fitted model with some prediction-time parameters changed."""
+    other = clone(fitted_model, safe=False).set_params(**params)
+    other.__dict__.update({k: v for k, v in fitted_model.__dict__.items() if k.endswith("_")})
+    return other
+
+
+def test_crop_parameters_validation_and_clone(scenes):
+    (X, y, Z, _), _ = scenes
+    bad = [
+        ({"n_train_crops": 0}, "n_train_crops"),
+        ({"n_train_crops": 2.5}, "n_train_crops"),
+        ({"crop_jitter": 0.6}, "crop_jitter"),
+        ({"crop_jitter": -0.1}, "crop_jitter"),
+        ({"scale_jitter": 0.7}, "scale_jitter"),
+        ({"test_crops": 3}, "test_crops"),
+        ({"test_jitter": 1.0}, "test_jitter"),
+        ({"test_scales": "big"}, "test_scales"),
+        ({"test_scales": (0.0, 1.0)}, "test_scales must be"),
+        ({"test_scales": ()}, "test_scales must be"),
+    ]
+    for params, message in bad:
+        with pytest.raises(ValueError, match=message):
+            two_stage(**params).fit(X[:8], y[:8], Z=Z[:8])
+    clf = two_stage(
+        n_train_crops=4,
+        crop_jitter=0.2,
+        scale_jitter=0.1,
+        test_crops=9,
+        test_jitter=0.05,
+        test_scales=(0.9, 1.1),
+    )
+    expected = {
+        "n_train_crops": 4,
+        "crop_jitter": 0.2,
+        "scale_jitter": 0.1,
+        "test_crops": 9,
+        "test_jitter": 0.05,
+        "test_scales": (0.9, 1.1),
+    }
+    assert expected.items() <= clf.get_params().items()
+    assert expected.items() <= clone(clf).get_params().items()
+    defaults = TwoStageLUABClassifier().get_params()
+    assert defaults["n_train_crops"] == 1 and defaults["test_crops"] == 1  # today's behaviour by default
+
+
+def test_jittered_crops_share_the_cache(tmp_path, scenes):
+    (X, y, Z, _), _ = scenes
+    X, y, Z = X[:12], y[:12], Z[:12]
+    fe = FeatureExtractor("timm:test_vit", pretrained=None, token_dim=8, cache_dir=str(tmp_path))
+    clf = TwoStageLUABClassifier(fe, locator=locator(), crop_size=0.3, n_train_crops=3, random_state=0)
+    _fit(clf, X, y, Z=Z)
+    rows = {s["config"]["outputs"][0]: s["n_rows"] for s in cache_info(tmp_path)}
+    # 3 crops per image (the cache keys crops by content: windows pushed inside the image may repeat)
+    assert rows["tokens"] == 12 and 30 <= rows["pooled"] <= 36
+    _fit(clone(clf), X, y, Z=Z)  # the same seed cuts the same crops: nothing new is encoded
+    after = {s["config"]["outputs"][0]: s["n_rows"] for s in cache_info(tmp_path)}
+    assert after["pooled"] == rows["pooled"]
