@@ -380,8 +380,8 @@ def sklearn_features(n_samples, n_features, n_classes, seed=0):
     Z = X[:, :informative] @ rng.normal(size=(informative, 8)) / np.sqrt(informative)
     Z = Z / Z.std(0) + 0.5 * rng.normal(size=Z.shape)
     Z[rng.random(Z.shape) < 0.14] = np.nan
-    order = rng.permutation(n_features)
-    return X[:, order].astype(np.float32), y, Z
+    rows, columns = rng.permutation(n_samples), rng.permutation(n_features)  # shuffle=False sorts by class
+    return X[rows][:, columns].astype(np.float32), y[rows], Z[rows]
 
 
 def spatial_tokens(n, n_tokens, width, seed):
