@@ -31,7 +31,7 @@ from ..nn import (
     whitened,
 )
 from ..nn.engine import check_finite_objective, check_finite_parameters
-from ..nn.solvers import fit_linear_head, fit_linear_probe_minibatch
+from ..nn.solvers import fit_linear_head, fit_linear_probe_minibatch, head_map
 from ._base import (
     LUABClassifierMixin,
     check_warm_head,
@@ -461,14 +461,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         nuclear-norm penalty of the head's objective, and its balanced factors are loaded into the head.
         """
         use_z = Z is not None and module.byproduct_head is not None and self.byproduct_weight > 0
-        init = None
-        if warm:  # continue from the head's current map (its product of factors)
-            with torch.no_grad():
-                heads = [module.label_head] + ([module.byproduct_head] if use_z else [])
-                init = (
-                    torch.cat([h.weight for h in heads]) @ module.trunk.weight,
-                    torch.cat([h.bias for h in heads]),
-                )
+        init = head_map(module, use_z) if warm else None  # continue from the head's current map
         timer.on_epoch_begin(None)
         fit = fit_linear_probe_minibatch(
             X,

@@ -50,6 +50,7 @@ __all__ = [
     "LinearProbeLoss",
     "fit_linear_probe",
     "fit_linear_head",
+    "head_map",
     "fit_linear_probe_minibatch",
     "nuclear_prox",
     "probe_optimality",
@@ -687,6 +688,17 @@ def _apg(loss, M, b, alpha, tol, max_iter, rank, verbose) -> LinearProbeFit:
     return LinearProbeFit(M, b, loss.n_outputs, n_iter, converged, objective, optimality, curve, "apg")
 
 
+def head_map(head, byproducts: bool = True) -> tuple[Tensor, Tensor]:
+    """The map ``(M, b)`` of a linear :class:`~luab_sk.nn.PooledHead`: ``M = W2 @ W1``, label rows first,
+    then (``byproducts`` and the head has them) the byproduct rows; detached copies."""
+    with torch.no_grad():
+        heads = [head.label_head] + ([head.byproduct_head] if byproducts and head.byproduct_head is not None else [])
+        return (
+            (torch.cat([h.weight for h in heads]) @ head.trunk.weight).detach(),
+            torch.cat([h.bias for h in heads]).detach(),
+        )
+
+
 def fit_linear_head(
     head,
     x: Tensor,
@@ -718,13 +730,7 @@ def fit_linear_head(
     use_z = z is not None and head.byproduct_head is not None and byproduct_weight > 0
     init = None
     if warm_start:  # continue from the head's current map (its product of factors)
-        with torch.no_grad():
-            heads = [head.label_head] + ([head.byproduct_head] if use_z else [])
-            init = (
-                torch.cat([h.weight for h in heads]) @ head.trunk.weight,
-                torch.cat([h.bias for h in heads]),
-            )
-            init = tuple(t.detach().to(device=device, dtype=x.dtype) for t in init)
+        init = tuple(t.to(device=device, dtype=x.dtype) for t in head_map(head, use_z))
     fit = fit_linear_probe(
         x,
         y,
