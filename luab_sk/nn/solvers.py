@@ -692,7 +692,9 @@ def head_map(head, byproducts: bool = True) -> tuple[Tensor, Tensor]:
     """The map ``(M, b)`` of a linear :class:`~luab_sk.nn.PooledHead`: ``M = W2 @ W1``, label rows first,
     then (``byproducts`` and the head has them) the byproduct rows; detached copies."""
     with torch.no_grad():
-        heads = [head.label_head] + ([head.byproduct_head] if byproducts and head.byproduct_head is not None else [])
+        heads = [head.label_head]
+        if byproducts and head.byproduct_head is not None:
+            heads.append(head.byproduct_head)
         return (
             (torch.cat([h.weight for h in heads]) @ head.trunk.weight).detach(),
             torch.cat([h.bias for h in heads]).detach(),
