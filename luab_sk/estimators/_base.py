@@ -376,11 +376,12 @@ def nan_standardization(A: np.ndarray, axis: int | tuple[int, ...] = 0) -> tuple
     return mean, std
 
 
-def streaming_standardization(X, chunk_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+def streaming_standardization(X, chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and scale of a 2-D array read ``chunk_rows`` rows at a time (float64 sums).
 
-    For arrays too large to copy (a ``numpy.memmap`` is read, never copied whole); constant columns get
-    scale 1 as in :func:`nan_standardization`. X must be finite.
+    For arrays too large to copy (a ``numpy.memmap`` is read, never copied whole: memory is one float64
+    block of ``chunk_rows`` rows); constant columns get scale 1 as in :func:`nan_standardization`. X must
+    be finite.
 
     Examples
     --------
