@@ -782,13 +782,26 @@ def two_stage_methods(**params):
     attention probe, then classifies features of an image crop around it, encoded by the study's extractor.
     It needs images (not precomputed features) and clicks, in image coordinates (it maps them itself). Not in
     :data:`METHODS` (it encodes crops for every fit): add it with
-    ``run_study(methods={**METHODS, **two_stage_methods(crop_size=0.3)})``.
+    ``run_study(methods={**METHODS, **two_stage_methods(**params)})``. The example's parameters are those
+    ``benchmarks/two_stage.py`` selected on its balanced validation split
+    (``benchmarks/results/two_stage.md``): small crops (0.15 of the side) around a local-maximum point refined
+    by a zoomed second look, four jittered training crops and five averaged test crops;
+    ``benchmarks/luab_study.py --two-stage`` runs the study table with them.
 
     Parameters
     ----------
     **params
         Parameters of :class:`~luab_sk.estimators.two_stage.TwoStageLUABClassifier` (not ``extractor`` or
         ``random_state``, which the study sets).
+
+    Examples
+    --------
+    >>> lines = two_stage_methods(
+    ...     crop_size=0.15, point_method="local", zoom=0.5, n_train_crops=4, crop_jitter=0.1, test_crops=5
+    ... )
+    >>> methods = {**METHODS, **lines}
+    >>> list(lines), lines["two-stage, shuffled Z"].kind
+    (['two-stage, Z', 'two-stage, shuffled Z'], 'control')
     """
     from .estimators.two_stage import TwoStageLUABClassifier
 
