@@ -467,7 +467,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             X,
             y,
             Z if use_z else None,
-            None if sample_weight is None else np.asarray(sample_weight),
+            sample_weight,
             mean=self.x_mean_ if self.standardize else None,
             scale=self.x_scale_ if self.standardize else None,
             task=self.task_,

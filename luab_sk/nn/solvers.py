@@ -301,17 +301,22 @@ class LinearProbeFit:
 
 
 # ---------------------------------------------------------------------------------- full batch
+def _label_rates(loss: LinearProbeLoss) -> Tensor:
+    """Weighted class frequencies (multi-class) or positive rates per label column (binary, multi-label)."""
+    if loss.task == "multiclass":
+        return (loss.label_w * F.one_hot(loss.y, loss.n_outputs).to(loss.x.dtype)).sum(0)
+    return (loss.label_w * loss.y).sum(0) * loss.y.shape[1]  # label_w sums to 1 / columns
+
+
 def _start(loss: LinearProbeLoss) -> tuple[Tensor, Tensor]:
     """``M = 0`` and the biases of the best constant model (class log-frequencies, Z's means)."""
     x = loss.x
     M = x.new_zeros(loss.n_rows, x.shape[1])
-    K = loss.n_outputs
+    p = _label_rates(loss)
     if loss.task == "multiclass":
-        freq = (loss.label_w[:, 0][:, None] * F.one_hot(loss.y, K).to(x.dtype)).sum(0)
-        b_label = (freq + 1.0 / x.shape[0]).log()
+        b_label = (p + 1.0 / x.shape[0]).log()
         b_label = b_label - b_label.mean()
     else:
-        p = (loss.label_w * loss.y).sum(0) * loss.y.shape[1]
         p = p.clamp(1e-6, 1 - 1e-6)
         b_label = (p / (1 - p)).log()
     parts = [b_label]
@@ -512,7 +517,7 @@ def _lbfgs(
         value = max(float((last["M"] - P).abs().max()), float(last["g_b"].abs().max()))
         return value
 
-    # A ridge start saves a quarter of the iterations without Z; with Z it measured slower than 0.
+    # A ridge start (labels and byproduct rows) saves a quarter of the iterations or more.
     if warm and factor is not None and not bool(M0.any()):
         M0, b0 = _ridge_start(loss, b0, mean, factor)
     theta = pack(M0, b0)
@@ -595,13 +600,8 @@ def _row_scale(loss: LinearProbeLoss) -> Tensor:
     if not loss.use_z:
         return scale
     K = loss.n_outputs
-    if loss.task == "multiclass":
-        p = (loss.label_w * F.one_hot(loss.y, K).to(x.dtype)).sum(0)
-        total = 1.0
-    else:
-        total = float(loss.label_w.sum())
-        p = (loss.label_w * loss.y).sum(0) / total
-    label = float((p * (1 - p)).mean()) * total
+    p = _label_rates(loss)
+    label = float((p * (1 - p)).mean()) * float(loss.label_w.sum())
     per_unit = 2.0 if loss.kind == "l2" else 1.0 / loss.beta
     byproduct = loss.z_w.sum(0) * per_unit
     ratio = (byproduct / max(label, torch.finfo(x.dtype).tiny)).clamp(1e-4, 1e4)
@@ -610,7 +610,8 @@ def _row_scale(loss: LinearProbeLoss) -> Tensor:
 
 
 def _ridge_start(loss: LinearProbeLoss, b0: Tensor, mean: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
-    """Ridge regression of the centred label indicators on x, rescaled to logits (byproduct rows: 0).
+    """Ridge regression of the centred label indicators on x, rescaled to logits, and of each byproduct
+    column on its observed rows.
 
     One pass over x (``x^T T``) and a Cholesky solve with the whitening factor already computed; the
     logit scale and label biases are fitted on an evenly strided subsample (:func:`_fit_logit_scale`).
@@ -637,8 +638,9 @@ def _ridge_start(loss: LinearProbeLoss, b0: Tensor, mean: Tensor, factor: Tensor
     b[:K] = bias.to(x.dtype) - M[:K] @ mean
     if loss.use_z:  # ridge regression of each byproduct column on its observed rows' x
         seen = (loss.z_w > 0).to(x.dtype)
-        z_mean = (seen * loss.z).sum(0) / seen.sum(0).clamp_min(1.0)
-        cross = ((x - mean).T @ (seen * (loss.z - z_mean))).to(torch.float64) / seen.sum(0).clamp_min(1.0)
+        count = seen.sum(0).clamp_min(1.0)
+        z_mean = (seen * loss.z).sum(0) / count
+        cross = ((x - mean).T @ (seen * (loss.z - z_mean))).to(torch.float64) / count
         M[K:] = torch.cholesky_solve(cross, factor.to(torch.float64)).T.to(x.dtype)
         b[K:] = z_mean - M[K:] @ mean
     return M, b
