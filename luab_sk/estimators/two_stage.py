@@ -258,25 +258,14 @@ class TwoStageLUABClassifier(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ helpers
     def _crop_sizes(self):
         sizes = (self.crop_size,) if isinstance(self.crop_size, Real) else tuple(self.crop_size)
-        if not sizes or not all(
-            isinstance(s, Real) and not isinstance(s, bool) and 0 < s <= 1 for s in sizes
-        ):
-            raise ValueError(
-                f"crop_size must be a fraction in (0, 1] or a non-empty tuple of them, got {sizes!r}."
-            )
-        return sizes
+        return _check_reals(sizes, 1, "crop_size must be a fraction in (0, 1] or a non-empty tuple of them")
 
     def _test_scales(self):
         if self.test_scales is None:
             return (1.0,)
-        scales = tuple(self.test_scales)
-        if not scales or not all(
-            isinstance(f, Real) and not isinstance(f, bool) and 0 < f <= 2 for f in scales
-        ):
-            raise ValueError(
-                f"test_scales must be None or a non-empty tuple of factors in (0, 2], got {scales!r}."
-            )
-        return scales
+        return _check_reals(
+            tuple(self.test_scales), 2, "test_scales must be None or a non-empty tuple of factors in (0, 2]"
+        )
 
     def _test_layout(self):
         """Offsets (m, 2) in crop sides and side factors (m,) of the test-time crops around a point."""
@@ -692,6 +681,14 @@ def _windows(pixels, centres, side, crop_fraction, rows=None):
         margin = (win - seen) / 2
         boxes[j] = (left + margin, top + margin, seen, seen)
     return crops, boxes
+
+
+def _check_reals(values: tuple, upper: float, message: str) -> tuple:
+    """``values`` when non-empty and all real numbers (not booleans) in ``(0, upper]``; else ValueError."""
+    valid = all(isinstance(v, Real) and not isinstance(v, bool) and 0 < v <= upper for v in values)
+    if not values or not valid:
+        raise ValueError(f"{message}, got {values!r}.")
+    return values
 
 
 def _crop_fraction(extractor) -> float:
