@@ -162,7 +162,14 @@ def test_one_ddp_step_equals_single_process_step(ranks):
     params, grads = _state(module)
     assert grads.keys() == g0.keys() and len(grads) > 10
     _assert_same(g0, grads, rtol=1e-4, atol=1e-6)  # averaged gradients == gradient of the global mean
-    _assert_same(p0, params, rtol=1e-5, atol=1e-6)
+    # AdamW's first step is lr * g / (|g| + eps): where |g| is near the gradients' round-off (atol above)
+    # the round-off decides that step's size (up to lr, on any CPU), so the steps are compared exactly
+    # where the gradient is well above it, and bounded by the largest learning rate elsewhere (parameters
+    # without a gradient do not move).
+    for name in params:
+        clear = grads[name].abs() > 1e-4 if name in grads else torch.ones_like(params[name], dtype=torch.bool)
+        torch.testing.assert_close(p0[name][clear], params[name][clear], rtol=1e-5, atol=1e-6)
+        assert float((p0[name] - params[name]).abs().max()) <= 2 * 1e-2, name
     assert any(not torch.equal(before[n], params[n]) for n in params)  # the step did move the weights
 
 
