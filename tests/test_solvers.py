@@ -335,3 +335,62 @@ def test_default_tol_reaches_the_reference_objective_with_and_without_z(weight):
     ref = fit_linear_probe(x, y, z, tol=1e-8, max_iter=2000, **kw)
     assert fit.converged
     assert fit.objective - ref.objective < 1e-4 * max(1.0, abs(ref.objective))
+
+
+def _spectrum_data(n, d, spread, n_classes=5, k=2, seed=0):
+    """Features with a flat (``spread=False``) or power-law (``True``) covariance spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if spread:
+        x = x * torch.arange(1, d + 1, dtype=torch.float64) ** -1.0
+        x = x @ torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+    x = (x - x.mean(0)) / x.std(0)
+    y = (x @ torch.randn(d, n_classes, generator=g, dtype=torch.float64)).argmax(1)
+    z = x[:, :k] + 0.1 * torch.randn(n, k, generator=g, dtype=torch.float64)
+    return x, y, z
+
+
+def test_participation_ratio_sketch_tracks_the_exact_value():
+    from luab_sk.nn.solvers import _participation_ratio
+
+    for spread in (False, True):
+        x, y, _ = _spectrum_data(3000, 64, spread)
+        cov = torch.cov(x.T, correction=0)
+        exact = float(torch.trace(cov) ** 2 / (cov * cov).sum())
+        sketched = _participation_ratio(LinearProbeLoss(x, y, n_outputs=5))
+        assert 0.5 * exact < sketched < 2.0 * exact
+    flat = _participation_ratio(LinearProbeLoss(*_spectrum_data(3000, 64, False)[:2], n_outputs=5))
+    concentrated = _participation_ratio(LinearProbeLoss(*_spectrum_data(3000, 64, True)[:2], n_outputs=5))
+    assert concentrated < 0.25 * 64 < flat
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "spread", "n_classes", "use_z", "expected"),
+    [
+        (3000, 64, True, 40, True, "all"),  # cheap covariance, concentrated variance: every row
+        (3000, 64, False, 40, True, "byproducts"),  # flat spectrum: the regression rows only
+        (3000, 64, False, 40, False, "none"),
+        (3000, 256, True, 3, True, "byproducts"),  # few rows: the covariance costs too many evaluations
+        (100, 200, True, 40, True, "none"),  # n < d
+    ],
+)
+def test_whitening_decision_follows_costs_and_spectrum(n, d, spread, n_classes, use_z, expected):
+    from luab_sk.nn.solvers import _whitened_rows
+
+    x, y, z = _spectrum_data(n, d, spread, n_classes=n_classes)
+    loss = LinearProbeLoss(x, y, z if use_z else None, n_outputs=n_classes)
+    start = _whitened_rows(loss, None)
+    assert {0: "all", n_classes: "byproducts", None: "none"}[start] == expected
+    assert _whitened_rows(loss, True) == 0 and _whitened_rows(loss, False) is None
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_every_whitening_choice_reaches_the_same_optimum(weight):
+    """Whitening is a change of variables: the objective and its minimiser do not depend on it."""
+    x, y, z = _spectrum_data(1500, 30, True, n_classes=6, k=3)
+    kw = dict(n_outputs=6, alpha=1e-3, byproduct_weight=weight, tol=1e-6, max_iter=3000)
+    ref = fit_linear_probe(x, y, z, **{**kw, "tol": 1e-9})
+    for whiten in (None, True, False):
+        fit = fit_linear_probe(x, y, z, whiten=whiten, **kw)
+        assert fit.converged, whiten
+        assert fit.objective - ref.objective < 1e-6 * max(1.0, abs(ref.objective)), whiten

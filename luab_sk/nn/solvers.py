@@ -11,7 +11,8 @@ byproduct rows of ``W2``. With ``alpha / 2 * (||W1||^2 + ||W2||^2)`` on the two 
 ``||M||_*``). It has no spurious stationary points and needs no balancing of factors. Solvers:
 
 * :func:`fit_linear_probe` (``method="lbfgs"``, the default): L-BFGS on ``M`` in whitened coordinates
-  (``M = V L^-1`` with ``L L^T = cov + alpha I``: the loss Hessian is close to the identity in ``V``)
+  (``M = V L^-1`` with ``L L^T = cov + ridge I``: the loss Hessian is close to the identity in ``V``;
+  by default the byproduct rows always, the label rows when that pays, see ``whiten``)
   with the nuclear norm smoothed as ``sum_i sqrt(sigma_i^2 + eps^2)``, ``eps = tol / 10``, from a ridge
   start (without Z). It stops on an exact optimality measure of the *non-smooth* objective: the largest
   entry of the prox-gradient ``G = M - prox_{alpha ||.||_*}(M - grad f(M))`` (unit step) and of the bias
@@ -68,6 +69,15 @@ _STALL_EPS_FACTOR = 16.0
 # blow up along them on collinear features (make_classification: 5x the iterations), larger ones (1e-2)
 # stopped early on separable real features (benchmarks/probe_speed.py).
 _WHITEN_RIDGE = 3e-3
+# whiten=None whitens the label rows when the covariance + Cholesky cost at most this many gradient
+# evaluations and the features' participation ratio is at most this fraction of d. Measured
+# (benchmarks/probe_speed.py): the CLIP-like generator (ratio 0.07 d) and EfficientNet-Lite0 features
+# (0.03 d) need it (36 vs 73 L-BFGS iterations on the former), make_classification (0.55 d) does not
+# (whitened: 17 iterations and a 4x larger objective gap than unwhitened); on the Lite0 features (3
+# classes, d = 1280) the covariance costs ~150 evaluations, and unwhitened label rows took 14
+# iterations against 45 whitened.
+_WHITEN_EVALS = 8.0
+_WHITEN_SPREAD = 0.25
 
 
 # --------------------------------------------------------------------------------------------- loss
@@ -366,7 +376,9 @@ def fit_linear_probe(
         Rank cap of the head's bottleneck; a cap below ``min(rows, d)`` switches to rank-capped APG.
     method : {"lbfgs", "apg"}, default="lbfgs"
     whiten : bool, optional
-        L-BFGS in whitened coordinates; None: when ``n >= d`` (the covariance is then worth its cost).
+        True: L-BFGS on every row in whitened coordinates; False: on none. None (the default): the
+        byproduct rows when ``n >= d``, and the label rows too when the covariance is cheap next to a
+        gradient evaluation and the feature variance is concentrated (see :func:`_whitened_rows`).
     device, dtype : optional
         Where and in which precision to solve (default: x's).
     init : (M, b), optional
@@ -459,28 +471,8 @@ def _lbfgs(
     n, d = x.shape
     m = loss.n_rows
     eps = 0.1 * tol
-    if whiten is None:
-        whiten = n >= d
-    factor = None
-    if whiten:
-        w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
-        mean = w @ x
-        xc = x - mean
-        cov = (xc.T @ (xc * w[:, None])).to(torch.float64)
-        ridge = max(alpha, _WHITEN_RIDGE * float(cov.diagonal().mean()), 1e-12)
-        cov.diagonal().add_(ridge)
-        factor = torch.linalg.cholesky(cov).to(x.dtype)  # L, L L^T = cov + ridge I
-
-    def to_m(v):  # M = V L^-1
-        return v if factor is None else torch.linalg.solve_triangular(factor, v, upper=False, left=False)
-
-    def to_v(mm):  # V = M L
-        return mm if factor is None else mm @ factor
-
-    def grad_v(g_m):  # dV = dM L^-T
-        if factor is None:
-            return g_m
-        return torch.linalg.solve_triangular(factor, g_m.T, upper=False).T
+    start = _whitened_rows(loss, whiten)
+    pre = None if start is None else _Whitening(loss, alpha, start)
 
     # Row preconditioning: in whitened coordinates each output row's Hessian is close to its loss
     # curvature times the identity; the byproduct rows' curvature differs from the label rows' (by 10x on
@@ -489,10 +481,12 @@ def _lbfgs(
     scale = _row_scale(loss)[:, None]
 
     def unpack(theta):
-        return to_m(theta[: m * d].view(m, d) / scale), theta[m * d :] / scale[:, 0]
+        v = theta[: m * d].view(m, d) / scale
+        return (v if pre is None else pre.to_m(v)), theta[m * d :] / scale[:, 0]
 
     def pack(mm, b):
-        return torch.cat([(to_v(mm) * scale).reshape(-1), b * scale[:, 0]])
+        v = mm if pre is None else pre.to_v(mm)
+        return torch.cat([(v * scale).reshape(-1), b * scale[:, 0]])
 
     last = {}
 
@@ -501,7 +495,7 @@ def _lbfgs(
         f, g_m, g_b = loss(M, b)
         h, g_h = _smoothed_nuclear(M, eps) if alpha > 0 else (0.0, None)
         g_total = g_m if g_h is None else g_m + alpha * g_h
-        g_v = grad_v(g_total)
+        g_v = g_total if pre is None else pre.grad_v(g_total)
         last.update(M=M, b=b, g_m=g_m, g_b=g_b, g_total=g_total, g_v=g_v)
         return f + alpha * h, torch.cat([(g_v / scale).reshape(-1), g_b / scale[:, 0]])
 
@@ -510,7 +504,7 @@ def _lbfgs(
         # ones. On embeddings whose variance sits in a few directions, a unit-step gradient in M's
         # coordinates is tiny along the weak directions long before the objective has converged there;
         # the whitened gradient (scale-free, like a Newton decrement) is not.
-        screen = [last["g_total"], last["g_b"]] + ([last["g_v"]] if factor is not None else [])
+        screen = [last["g_total"], last["g_b"]] + ([last["g_v"]] if pre is not None else [])
         if max(float(t.abs().max()) for t in screen) > tol:
             return None
         P, _ = nuclear_prox(last["M"] - last["g_m"], alpha)
@@ -518,8 +512,8 @@ def _lbfgs(
         return value
 
     # A ridge start (labels and byproduct rows) saves a quarter of the iterations or more.
-    if warm and factor is not None and not bool(M0.any()):
-        M0, b0 = _ridge_start(loss, b0, mean, factor)
+    if warm and pre is not None and not bool(M0.any()):
+        M0, b0 = _ridge_start(loss, b0, pre)
     theta = pack(M0, b0)
     f, g = fun(theta)
     curve, s_hist, y_hist, rho_hist = [f], [], [], []
@@ -587,6 +581,74 @@ def _lbfgs(
     )
 
 
+def _participation_ratio(loss: LinearProbeLoss, probes: int = 8) -> float:
+    """``trace(cov)^2 / ||cov||_F^2`` of the (weighted) features, ``||cov||_F^2`` sketched as
+    ``E ||cov g||^2`` over ``probes`` seeded Gaussian vectors ``g`` (one pass over x): about ``d`` for a
+    flat spectrum, small when the variance sits in a few directions."""
+    x = loss.x
+    w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+    mean = w @ x
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    g = torch.randn(x.shape[1], probes, generator=generator, device=x.device, dtype=x.dtype)
+    proj = (x @ g - mean @ g) * w[:, None]
+    cov_g = x.T @ proj - mean[:, None] * proj.sum(0)
+    trace = float(w @ (x * x).sum(1)) - float(mean @ mean)
+    return trace * trace / max(float((cov_g * cov_g).sum()) / probes, 1e-300)
+
+
+def _whitened_rows(loss: LinearProbeLoss, whiten: bool | None) -> int | None:
+    """The first row L-BFGS whitens (0: all, K: the byproduct rows), or None (no whitening).
+
+    ``whiten=None`` decides from costs and the spectrum (:data:`_WHITEN_EVALS`, :data:`_WHITEN_SPREAD`):
+    the label rows are whitened when the covariance and its Cholesky factor cost at most
+    ``_WHITEN_EVALS`` gradient evaluations and the variance is concentrated (participation ratio at most
+    ``_WHITEN_SPREAD * d``); the byproduct rows (a regression, as ill-conditioned as the features) are
+    whitened whenever ``n >= d``.
+    """
+    n, d = loss.x.shape
+    if whiten is not None:
+        return 0 if whiten else None
+    if n < d:
+        return None
+    cheap = n * d * d + d**3 / 3 <= _WHITEN_EVALS * 2.0 * n * d * loss.n_rows  # covariance vs evaluations
+    if cheap and _participation_ratio(loss) <= _WHITEN_SPREAD * d:
+        return 0
+    return loss.n_outputs if loss.use_z else None
+
+
+class _Whitening:
+    """The change of variables ``M[start:] = V[start:] L^-1`` of L-BFGS, ``L L^T = cov + ridge I``.
+
+    ``cov`` is the (weighted) feature covariance, ``ridge`` at least ``_WHITEN_RIDGE`` times its mean
+    variance. ``solve(c)`` is ``(L L^T)^-1 c``, the ridge solve of the start.
+    """
+
+    def __init__(self, loss: LinearProbeLoss, alpha: float, start: int) -> None:
+        x = loss.x
+        w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+        self.start, self.mean = start, w @ x
+        xc = x - self.mean
+        cov = (xc.T @ (xc * w[:, None])).to(torch.float64)
+        ridge = max(alpha, _WHITEN_RIDGE * float(cov.diagonal().mean()), 1e-12)
+        cov.diagonal().add_(ridge)
+        self.factor = torch.linalg.cholesky(cov).to(x.dtype)
+
+    def _rows(self, v, fn):
+        return fn(v) if self.start == 0 else torch.cat([v[: self.start], fn(v[self.start :])])
+
+    def to_m(self, v):  # M = V L^-1
+        return self._rows(v, lambda t: torch.linalg.solve_triangular(self.factor, t, upper=False, left=False))
+
+    def to_v(self, mm):  # V = M L
+        return self._rows(mm, lambda t: t @ self.factor)
+
+    def grad_v(self, g):  # dV = dM L^-T
+        return self._rows(g, lambda t: torch.linalg.solve_triangular(self.factor, t.T, upper=False).T)
+
+    def solve(self, c):  # (L L^T)^-1 c, c of shape (d, k), float64
+        return torch.cholesky_solve(c, self.factor.to(torch.float64))
+
+
 def _row_scale(loss: LinearProbeLoss) -> Tensor:
     """Per-row ``sqrt(curvature / label curvature)`` (m,): 1 for label rows, byproduct rows rescaled.
 
@@ -609,39 +671,38 @@ def _row_scale(loss: LinearProbeLoss) -> Tensor:
     return scale
 
 
-def _ridge_start(loss: LinearProbeLoss, b0: Tensor, mean: Tensor, factor: Tensor) -> tuple[Tensor, Tensor]:
-    """Ridge regression of the centred label indicators on x, rescaled to logits, and of each byproduct
-    column on its observed rows.
+def _ridge_start(loss: LinearProbeLoss, b0: Tensor, pre: _Whitening) -> tuple[Tensor, Tensor]:
+    """Ridge regression, with ``pre``'s covariance, of the rows ``pre`` whitens: the centred label
+    indicators (rescaled to logits) and each byproduct column on its observed rows; other rows stay 0.
 
-    One pass over x (``x^T T``) and a Cholesky solve with the whitening factor already computed; the
-    logit scale and label biases are fitted on an evenly strided subsample (:func:`_fit_logit_scale`).
+    One pass over x per block of rows (``x^T T``) and ``pre.solve``; the logit scale and label biases are
+    fitted on an evenly strided subsample of at most 4096 rows (:func:`_fit_logit_scale`).
     """
     from .init import _fit_logit_scale  # a sibling helper (no cycle: init does not import solvers)
 
-    x = loss.x
-    w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+    x, mean = loss.x, pre.mean
     K = loss.n_outputs
-    if loss.task == "multiclass":
-        t = F.one_hot(loss.y, K).to(x.dtype)
-    else:
-        t = loss.y
-    t_mean = w @ t
-    cross = ((x - mean).T @ ((t - t_mean) * w[:, None])).to(torch.float64)
-    coef = torch.cholesky_solve(cross, factor.to(torch.float64)).T.to(x.dtype)  # (m, d)
-    rows = slice(None, None, max(1, x.shape[0] // 8192))
-    scores = (x[rows] - mean) @ coef[:K].T
-    y_rows = loss.y[rows].reshape(-1) if loss.task == "binary" else loss.y[rows]
-    scale, bias = _fit_logit_scale(scores, y_rows, loss.task, 0.0, None)
     M = x.new_zeros(loss.n_rows, x.shape[1])
-    M[:K] = coef * scale
     b = b0.clone()
-    b[:K] = bias.to(x.dtype) - M[:K] @ mean
+    if pre.start == 0:
+        w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+        t = F.one_hot(loss.y, K).to(x.dtype) if loss.task == "multiclass" else loss.y
+        t = (t - w @ t) * w[:, None]
+        cross = (x.T @ t - mean[:, None] * t.sum(0)).to(torch.float64)
+        coef = pre.solve(cross).T.to(x.dtype)  # (K, d)
+        rows = slice(None, None, max(1, -(-x.shape[0] // 4096)))
+        scores = (x[rows] - mean) @ coef.T
+        y_rows = loss.y[rows].reshape(-1) if loss.task == "binary" else loss.y[rows]
+        scale, bias = _fit_logit_scale(scores, y_rows, loss.task, 0.0, None)
+        M[:K] = coef * scale
+        b[:K] = bias.to(x.dtype) - M[:K] @ mean
     if loss.use_z:  # ridge regression of each byproduct column on its observed rows' x
         seen = (loss.z_w > 0).to(x.dtype)
         count = seen.sum(0).clamp_min(1.0)
         z_mean = (seen * loss.z).sum(0) / count
-        cross = ((x - mean).T @ (seen * (loss.z - z_mean))).to(torch.float64) / count
-        M[K:] = torch.cholesky_solve(cross, factor.to(torch.float64)).T.to(x.dtype)
+        r = seen * (loss.z - z_mean)
+        cross = (x.T @ r - mean[:, None] * r.sum(0)).to(torch.float64) / count
+        M[K:] = pre.solve(cross).T.to(x.dtype)
         b[K:] = z_mean - M[K:] @ mean
     return M, b
 
