@@ -386,3 +386,21 @@ def test_minibatch_solver_refuses_what_it_cannot_do(data, params, match):
     X, y, Z, _, _ = data
     with pytest.raises(ValueError, match=match):
         LUABClassifier(**{"head": "linear", "solver": "minibatch", **params}).fit(X, y, Z=Z)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streaming_standardization_matches_two_pass_and_never_writes_x(dtype):
+    """The estimator standardises X in blocks: large offsets keep their precision, X is only read."""
+    from luab_sk.estimators._base import nan_standardization, streaming_standardization
+
+    rng = np.random.default_rng(0)
+    X = (rng.normal(size=(5000, 4)) * [1.0, 1e-3, 1e3, 1.0] + [1e4, 0.0, -5.0, 0.0]).astype(dtype)
+    X[:, 3] = 7.0  # constant column: scale 1
+    before = X.copy()
+    for rows in (512, 4096, 10_000):
+        mean, scale = streaming_standardization(X, chunk_rows=rows)
+        ref_mean, ref_scale = nan_standardization(X)
+        np.testing.assert_allclose(mean, ref_mean, rtol=1e-12, atol=1e-9)
+        np.testing.assert_allclose(scale, ref_scale, rtol=1e-9)
+        assert scale[3] == 1.0
+    np.testing.assert_array_equal(X, before)

@@ -630,7 +630,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         if not head_spec(self.head).spatial:
             self.token_pca_ = None
             if self.standardize:
-                self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in nan_standardization(X))
+                self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in streaming_standardization(X))
             return self._transform_input(X)
         n, n_tokens, width = X.shape
         self.token_shape_ = (n_tokens, width)
@@ -647,7 +647,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
                 sample
             )
         elif self.standardize:
-            self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in nan_standardization(rows))
+            self.x_mean_, self.x_scale_ = (a.astype(np.float32) for a in streaming_standardization(rows))
         return self._transform_input(X)
 
     def _transform_input(self, X):
@@ -655,7 +655,9 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             n, n_tokens, width = X.shape
             return self.token_pca_.transform(X.reshape(-1, width)).astype(np.float32).reshape(n, n_tokens, -1)
         if self.standardize:
-            return ((X - self.x_mean_) / self.x_scale_).astype(np.float32)
+            out = X - self.x_mean_  # one float32 temporary (X is validated as float32), scaled in place
+            out /= self.x_scale_
+            return out.astype(np.float32, copy=False)
         return X
 
     def _impute(self, X, Z):
