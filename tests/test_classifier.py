@@ -8,6 +8,7 @@ import joblib
 import numpy as np
 import pytest
 import sklearn
+import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, cross_validate
@@ -367,18 +368,59 @@ def test_auto_solver_routes_large_linear_probes_to_minibatch(data, monkeypatch):
     X, y, Z, _, _ = data
     monkeypatch.setattr(classifier, "_LBFGS_MAX_ELEMENTS", X.size - 1)
     assert LUABClassifier(head="linear")._resolve_solver(X) == "minibatch"
-    assert LUABClassifier(head="linear", early_stopping=True)._resolve_solver(X) == "adamw"
+    assert LUABClassifier(head="linear", early_stopping=True)._resolve_solver(X) == "minibatch"
     assert LUABClassifier(head="linear", impute_byproducts="knn")._resolve_solver(X) == "adamw"
     assert LUABClassifier(head="mlp")._resolve_solver(X) == "adamw"
     monkeypatch.setattr(classifier, "_LBFGS_MAX_ELEMENTS", X.size)
     assert LUABClassifier(head="linear")._resolve_solver(X) == "lbfgs"
 
 
+def test_minibatch_early_stopping_holds_out_rows_and_restores_the_best_epoch(data, tmp_path, monkeypatch):
+    """The validation rows get weight 0 in the stream (X is still the memmap); the best epoch is kept."""
+    X, y, Z, X_test, y_test = data
+    np.save(tmp_path / "X.npy", X)
+    X_map = np.load(tmp_path / "X.npy", mmap_mode="r")
+    seen = {}
+    real = classifier.fit_linear_probe_minibatch
+
+    def spy(X_arg, y_arg, z_arg, weight_arg, **kwargs):
+        seen.update(X=X_arg, weight=weight_arg, tol=kwargs["tol"])
+        return real(X_arg, y_arg, z_arg, weight_arg, **kwargs)
+
+    monkeypatch.setattr(classifier, "fit_linear_probe_minibatch", spy)
+    params = dict(head="linear", hidden_size=18, batch_size=64, learning_rate=0.05, random_state=0)
+    clf = LUABClassifier(
+        solver="minibatch",
+        max_iter=30,
+        early_stopping=True,
+        validation_fraction=0.2,
+        n_iter_no_change=3,
+        **params,
+    ).fit(X_map, y, Z=Z)
+    assert np.shares_memory(seen["X"], X_map) and seen["tol"] is None  # the validation score stops it
+    held_out = seen["weight"] == 0
+    assert held_out.sum() == round(0.2 * len(y)) and np.all(seen["weight"][~held_out] == 1)
+    scores = clf.validation_scores_
+    assert len(scores) == clf.n_iter_ < 30 and len(clf.loss_curve_) == clf.n_iter_
+    best = int(np.argmax(scores))
+    assert best == clf.n_iter_ - 1 - 3  # stopped after 3 epochs without improvement
+    # the restored head is the best epoch's: its validation score is the best one
+    x_val = clf._transform_input(X[held_out])
+    with torch.no_grad():
+        restored = clf._validation_score(
+            clf.module_,
+            torch.as_tensor(x_val),
+            torch.as_tensor(np.searchsorted(clf.classes_, y[held_out])),
+            None,
+        )
+    assert restored == pytest.approx(scores[best], rel=1e-5, abs=1e-6)
+    assert clf.score(X_test, y_test) > 0.5
+
+
 @pytest.mark.parametrize(
     "params, match",
     [
         ({"head": "mlp"}, "solver='minibatch' trains the linear head only, got head='mlp'"),
-        ({"early_stopping": True}, "solver='minibatch' does not support early_stopping"),
         ({"impute_byproducts": "knn"}, "impute_byproducts='knn' needs all of X in memory"),
     ],
 )

@@ -394,3 +394,13 @@ def test_every_whitening_choice_reaches_the_same_optimum(weight):
         fit = fit_linear_probe(x, y, z, whiten=whiten, **kw)
         assert fit.converged, whiten
         assert fit.objective - ref.objective < 1e-6 * max(1.0, abs(ref.objective)), whiten
+
+
+def test_minibatch_skips_blocks_whose_rows_all_have_zero_weight():
+    x, y, _ = _data(n=200, d=6)
+    weight = np.ones(200, np.float32)
+    weight[:50] = 0.0  # the first 5 blocks of 10 rows carry no weight (held-out rows, say)
+    fit = fit_linear_probe_minibatch(
+        x.float().numpy(), y.numpy(), None, weight, n_outputs=4, batch_size=10, max_epochs=3
+    )
+    assert torch.isfinite(fit.coef).all() and np.isfinite(fit.loss_curve).all()

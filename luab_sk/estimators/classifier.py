@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -30,8 +31,8 @@ from ..nn import (
     train_module,
     whitened,
 )
-from ..nn.engine import check_finite_objective, check_finite_parameters
-from ..nn.solvers import fit_linear_head, fit_linear_probe_minibatch, head_map
+from ..nn.engine import EarlyStopping, check_finite_objective, check_finite_parameters
+from ..nn.solvers import LinearProbeFit, fit_linear_head, fit_linear_probe_minibatch, head_map
 from ._base import (
     LUABClassifierMixin,
     check_warm_head,
@@ -116,9 +117,10 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         contiguous blocks of ``batch_size`` rows and standardised per block, never copied whole; Adam at
         ``learning_rate`` with a warm-up and a cosine decay over ``max_iter`` epochs, the nuclear-norm
         penalty applied by periodic singular-value shrinkage; it stops early when the epoch objective has
-        not fallen by ``tol`` (relative) for ``n_iter_no_change`` epochs. Memory: one batch plus the
-        parameters and Adam's moments. ``"auto"``: L-BFGS up to 1e8 input elements (samples x width),
-        above that ``"minibatch"`` for the linear head (without ``early_stopping`` or
+        not fallen by ``tol`` (relative) for ``n_iter_no_change`` epochs, or with ``early_stopping``
+        as below (the validation rows are copied, the training rows still streamed). Memory: one batch
+        plus the parameters and Adam's moments (and the validation rows). ``"auto"``: L-BFGS up to 1e8
+        input elements (samples x width), above that ``"minibatch"`` for the linear head (without
         ``impute_byproducts``) and ``"adamw"`` otherwise. For large probes set ``max_iter`` to the
         epochs you can afford (5-20), ``batch_size`` to a few thousand and ``learning_rate`` to about
         1e-2 (what ``benchmarks/large_probe.py`` measured), and ``hidden_size`` to at least the number
@@ -379,7 +381,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             module = self._build(X.shape[-1], n_outputs, seed, device)
         timer = Timer(device)
         if streaming:
-            result = self._fit_minibatch(module, X, labels.y, Z, sample_weight, device, warm, seed, timer)
+            result = self._fit_minibatch(module, X, labels, Z, sample_weight, device, warm, seed, timer)
             return self._finish_fit(module, result, solver, timer, None)
 
         data = [
@@ -445,33 +447,53 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"solver='minibatch' trains the linear head only, got head={self.head!r}; use 'adamw'."
             )
-        if self.early_stopping:
-            raise ValueError("solver='minibatch' does not support early_stopping; use 'adamw' or 'lbfgs'.")
         if self.impute_byproducts is not None:
             raise ValueError(
                 "impute_byproducts='knn' needs all of X in memory, which solver='minibatch' avoids; impute Z "
                 "beforehand (KNNByproductImputer) or use solver='lbfgs' or 'adamw'."
             )
 
-    def _fit_minibatch(self, module, X, y, Z, sample_weight, device, warm, seed, timer):
+    def _fit_minibatch(self, module, X, labels, Z, sample_weight, device, warm, seed, timer):
         """Train the linear head by :func:`~luab_sk.nn.solvers.fit_linear_probe_minibatch`, in place.
 
         X is read in contiguous blocks of ``batch_size`` rows and standardised per block (a memmap is
         never copied); the map ``M`` (label rows over byproduct rows) is trained with Adam under the
         nuclear-norm penalty of the head's objective, and its balanced factors are loaded into the head.
+        With ``early_stopping`` the validation rows are copied (only they), get weight 0 in the stream,
+        and the engine's :class:`~luab_sk.nn.engine.EarlyStopping` scores the head after every epoch and
+        restores the best one.
         """
         use_z = Z is not None and module.byproduct_head is not None and self.byproduct_weight > 0
         init = head_map(module, use_z) if warm else None  # continue from the head's current map
+        K = module.label_head.out_features
+        tracker, callback = None, None
+        if self.early_stopping:
+            _, val_index = validation_split(labels, self.validation_fraction, seed)
+            x_val = np.asarray(X[val_index], dtype=np.float32)
+            weights = np.ones(X.shape[0], np.float32) if sample_weight is None else sample_weight.copy()
+            data = [
+                _tensor(self._transform_input(x_val), device),
+                torch.as_tensor(labels.y[val_index], device=device),
+                _tensor(weights[val_index], device),
+            ]
+            weights[val_index] = 0.0
+            sample_weight = weights
+            tracker = EarlyStopping(module, (data, self._validation_score), self.tol, self.n_iter_no_change)
+
+            def callback(epoch, M, b):
+                LinearProbeFit(M, b, K, epoch, False, math.nan, math.nan).load_into(module)
+                return tracker.update()
+
         timer.on_epoch_begin(None)
         fit = fit_linear_probe_minibatch(
             X,
-            y,
+            labels.y,
             Z if use_z else None,
             sample_weight,
             mean=self.x_mean_ if self.standardize else None,
             scale=self.x_scale_ if self.standardize else None,
             task=self.task_,
-            n_outputs=module.label_head.out_features,
+            n_outputs=K,
             alpha=float(self.alpha),
             byproduct_weight=float(self.byproduct_weight) if use_z else 0.0,
             byproduct_loss=self.byproduct_loss,
@@ -481,17 +503,22 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
             learning_rate=float(self.learning_rate),
             device=device,
             seed=seed,
-            tol=float(self.tol),
+            tol=None if tracker is not None else float(self.tol),
             n_iter_no_change=int(self.n_iter_no_change),
             init=init,
+            callback=callback,
         )
         timer.on_epoch_end(None)
         name = "minibatch"
         for i, value in enumerate(fit.loss_curve):
             check_finite_objective(float(value), i, solver=name)
-        fit.load_into(module)
+        if tracker is None:
+            fit.load_into(module)
+        else:
+            tracker.restore_best()
         check_finite_parameters(module, fit.n_iter, solver=name)
-        return TrainResult(fit.n_iter, [float(v) for v in fit.loss_curve], [], bool(fit.converged))
+        scores = [] if tracker is None else tracker.scores
+        return TrainResult(fit.n_iter, [float(v) for v in fit.loss_curve], scores, bool(fit.converged))
 
     def _fit_convex(self, module, data, *, device, warm, timer):
         """Train a head with ``HeadSpec.convex_solver`` (the linear head) by its convex form, in place.
@@ -673,7 +700,7 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         if X.size <= _LBFGS_MAX_ELEMENTS:
             return "lbfgs"
         spec = head_spec(self.head)
-        streamable = spec.convex_solver and not self.early_stopping and self.impute_byproducts is None
+        streamable = spec.convex_solver and self.impute_byproducts is None
         return "minibatch" if streamable else "adamw"
 
     # -------------------------------------------------------------- predict

@@ -945,6 +945,8 @@ def fit_linear_probe_minibatch(
             yb = torch.as_tensor(y[lo:hi], device=device)
             zb = None if not use_z else torch.as_tensor(z[lo:hi]).to(device, dtype)
             wb = None if sample_weight is None else torch.as_tensor(sample_weight[lo:hi]).to(device, dtype)
+            if wb is not None and not bool(wb.sum() > 0):
+                continue  # a block of zero-weight rows (held-out validation rows, say) has no loss
             loss = LinearProbeLoss(
                 xb,
                 yb,
