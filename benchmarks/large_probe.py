@@ -14,7 +14,8 @@ own subprocess (so each peak memory figure is that method's alone) on X opened w
   computed in one streaming pass, counted in its time), test accuracy after every epoch.
 * ``LUABClassifier(head="linear", solver=--luab-solver)`` fitted on the memmap itself (the estimator's
   route: ``solver="auto"`` picks ``"minibatch"`` above 1e8 input elements, full-batch L-BFGS below),
-  ``max_iter`` = ``--max-epochs``; one fit, test accuracy at its end.
+  ``max_iter`` = ``--max-epochs``; one fit, test accuracy at its end (``--luab-early-stopping``: with
+  ``early_stopping=True``, 10% of the rows held out, the best epoch by validation loss kept).
 
 Reported per method: time to reach LogisticRegression's test accuracy (training time only; the per-epoch
 test evaluations are excluded and reported apart), final accuracy, peak memory three ways: the largest
@@ -214,6 +215,8 @@ def worker(args):
                 batch_size=args.batch_size,
                 learning_rate=args.learning_rate,
                 device=args.device,
+                early_stopping=args.luab_early_stopping,
+                n_iter_no_change=2,
                 random_state=0,
             )
             solver = clf._resolve_solver(X)
@@ -227,7 +230,9 @@ def worker(args):
                 model=(
                     f"LUABClassifier(head='linear', solver={args.luab_solver!r} -> {solver!r}, "
                     f"max_iter={args.max_epochs}, batch_size={args.batch_size}, "
-                    f"learning_rate={args.learning_rate:g}), memmap X"
+                    f"learning_rate={args.learning_rate:g}"
+                    + (", early_stopping=True, n_iter_no_change=2" if args.luab_early_stopping else "")
+                    + f"), memmap X (epochs run: {clf.n_iter_})"
                 ),
                 device=str(resolve_device(args.device)),
                 train_s=train_s,
@@ -322,8 +327,9 @@ def run_worker(method, args, target):
         "luab_solver",
     ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    if args.full_schedule:
-        cmd.append("--full-schedule")
+    for flag in ("full_schedule", "luab_early_stopping"):
+        if getattr(args, flag):
+            cmd.append(f"--{flag.replace('_', '-')}")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     sys.stderr.write(out.stderr[-3000:])
     if out.returncode != 0:
@@ -351,6 +357,11 @@ def main(argv=None):
     parser.add_argument("--methods", default="lr,minibatch,luab,sgd")
     parser.add_argument(
         "--luab-solver", default="auto", help="solver of the 'luab' method (LUABClassifier on the memmap)"
+    )
+    parser.add_argument(
+        "--luab-early-stopping",
+        action="store_true",
+        help="'luab' method: early_stopping=True (10%% validation rows, patience 2 epochs)",
     )
     parser.add_argument("--target-accuracy", type=float, default=None, help="skip LR and use this target")
     parser.add_argument("--full-schedule", action="store_true", help="minibatch: run all epochs")
