@@ -128,8 +128,10 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         The linear head with ``"lbfgs"`` (and no ``early_stopping``) is trained by its convex form
         instead (:func:`~luab_sk.nn.solvers.fit_linear_head`): the ``alpha / 2`` penalty on both factors
         equals ``alpha`` times the nuclear norm of their product ``M = W2 @ W1`` at the optimum, so the
-        same objective is minimised over ``M`` (label and byproduct rows) by L-BFGS in whitened
-        coordinates with a smoothed nuclear norm from a ridge start, finished by exact proximal steps
+        same objective is minimised over ``M`` (label and byproduct rows) by L-BFGS with a smoothed
+        nuclear norm, in whitened coordinates where that pays (the byproduct rows, and the label rows when
+        the feature variance is concentrated and the covariance cheap; see
+        :func:`~luab_sk.nn.solvers.fit_linear_probe`) from a ridge start, finished by exact proximal steps
         when it stalls; the balanced factors of ``M`` are loaded into the head. Convex and
         deterministic: no spurious stationary points, and the seed does not matter. When
         ``hidden_size`` caps the rank below ``min(n_features, n_outputs + n_byproducts)`` the problem
