@@ -404,3 +404,21 @@ def test_minibatch_skips_blocks_whose_rows_all_have_zero_weight():
         x.float().numpy(), y.numpy(), None, weight, n_outputs=4, batch_size=10, max_epochs=3
     )
     assert torch.isfinite(fit.coef).all() and np.isfinite(fit.loss_curve).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_low_rank_optimum_does_not_crawl_in_float64(threads):
+    """At alpha=0.01 the optimum has a zero singular value, whose smoothed kink is ~alpha / eps stiff: float64
+    L-BFGS inched along it for 370-500 iterations (depending on the BLAS thread count); the crawl rule hands
+    over to exact proximal steps, which set that singular value to zero."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, y, z = _data()
+        kw = dict(n_outputs=4, alpha=0.01, byproduct_weight=1.0, tol=1e-4, max_iter=1000)
+        fit = fit_linear_probe(x, y, z, **kw)
+    finally:
+        torch.set_num_threads(before)
+    assert fit.converged and fit.n_iter < 300 and fit.method == "lbfgs+apg"
+    singular = torch.linalg.svdvals(fit.coef)
+    assert singular[-1] < 1e-9 * singular[0]

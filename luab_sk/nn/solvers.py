@@ -63,6 +63,11 @@ _HISTORY = 20
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
 _STALL_ITERATIONS = 5
+# A crawl: the objective fell by less than _CRAWL_FACTOR * tol over the last _CRAWL_WINDOW iterations without
+# meeting the stop rule (the smoothed kink of a zero singular value makes that direction ~alpha / eps stiff;
+# float64 keeps L-BFGS inching along it for hundreds of iterations). Exact proximal steps take over.
+_CRAWL_WINDOW = 10
+_CRAWL_FACTOR = 1e-2
 _STALL_EPS_FACTOR = 16.0
 # Whitening uses cov + ridge I with ridge >= this fraction of the mean variance: directions of (near) zero
 # variance are then stretched at most ~18x. A smaller ridge (1e-6 measured) let the smoothed nuclear norm
@@ -438,8 +443,8 @@ def fit_linear_probe(
         return _apg(loss, M, b, alpha, tol, max_iter, rank if capped else None, verbose)
     fit = _lbfgs(loss, M, b, alpha, tol, max_iter, whiten, verbose)
     if not fit.converged and fit.n_iter < max_iter:
-        # L-BFGS stalled on the smoothed kinks of a low-rank optimum (or on float32 round-off): polish
-        # with exact prox steps, in float64 (float32 round-off stalls the backtracking near the optimum)
+        # L-BFGS stalled or crawled on the smoothed kinks of a low-rank optimum (or on float32 round-off):
+        # polish with exact prox steps, in float64 (float32 round-off stalls the backtracking near optimum)
         if x.dtype != torch.float64:
             loss = LinearProbeLoss(
                 x.double(),
@@ -573,6 +578,8 @@ def _lbfgs(
             print(f"lbfgs iter {n_iter}: objective {f:.8g}")
         direction = two_loop(g)
         if stalled >= _STALL_ITERATIONS:
+            break
+        if len(curve) > _CRAWL_WINDOW and curve[-_CRAWL_WINDOW - 1] - f <= _CRAWL_FACTOR * tol * gap_scale:
             break
     M, b = (t.clone() for t in unpack(theta))
     objective, optimality = probe_optimality(loss, M, b, alpha)
