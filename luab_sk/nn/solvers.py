@@ -63,12 +63,12 @@ _HISTORY = 20
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
 _STALL_ITERATIONS = 5
+_STALL_EPS_FACTOR = 16.0
 # A crawl: the objective fell by less than _CRAWL_FACTOR * tol over the last _CRAWL_WINDOW iterations without
 # meeting the stop rule (the smoothed kink of a zero singular value makes that direction ~alpha / eps stiff;
 # float64 keeps L-BFGS inching along it for hundreds of iterations). Exact proximal steps take over.
 _CRAWL_WINDOW = 10
 _CRAWL_FACTOR = 1e-2
-_STALL_EPS_FACTOR = 16.0
 # Whitening uses cov + ridge I with ridge >= this fraction of the mean variance: directions of (near) zero
 # variance are then stretched at most ~18x. A smaller ridge (1e-6 measured) let the smoothed nuclear norm
 # blow up along them on collinear features (make_classification: 5x the iterations), larger ones (1e-2)
@@ -469,11 +469,9 @@ def fit_linear_probe(
     return fit
 
 
-def _lbfgs(
-    loss, M0, b0, alpha, tol, max_iter, whiten, verbose, history=_HISTORY, gap_scale=1.0, warm=True
-) -> LinearProbeFit:
+def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFit:
     x = loss.x
-    n, d = x.shape
+    d = x.shape[1]
     m = loss.n_rows
     eps = 0.1 * tol
     start = _whitened_rows(loss, whiten)
@@ -517,7 +515,7 @@ def _lbfgs(
         return value
 
     # A ridge start (labels and byproduct rows) saves a quarter of the iterations or more.
-    if warm and pre is not None and not bool(M0.any()):
+    if pre is not None and not bool(M0.any()):
         M0, b0 = _ridge_start(loss, b0, pre)
     theta = pack(M0, b0)
     f, g = fun(theta)
@@ -544,7 +542,7 @@ def _lbfgs(
         # estimate of the remaining decrease, g^T H^-1 g / 2 <= tol: on flat, high-dimensional problems
         # a small gradient alone still leaves a large objective gap.
         decrement = -0.5 * float(g @ direction) if y_hist else math.inf
-        if decrement <= tol * gap_scale:
+        if decrement <= tol:
             value = optimal()
             if value is not None and value <= tol:
                 break
@@ -568,7 +566,7 @@ def _lbfgs(
         s_vec, y_vec = candidate - theta, g_new - g
         sy = float(s_vec @ y_vec)
         if sy > 1e-10 * float(y_vec @ y_vec):
-            if len(s_hist) == history:
+            if len(s_hist) == _HISTORY:
                 s_hist.pop(0), y_hist.pop(0), rho_hist.pop(0)
             s_hist.append(s_vec), y_hist.append(y_vec), rho_hist.append(1.0 / sy)
         stalled = stalled + 1 if f - f_new <= stall_tol * max(abs(f_new), 1.0) else 0
@@ -579,7 +577,7 @@ def _lbfgs(
         direction = two_loop(g)
         if stalled >= _STALL_ITERATIONS:
             break
-        if len(curve) > _CRAWL_WINDOW and curve[-_CRAWL_WINDOW - 1] - f <= _CRAWL_FACTOR * tol * gap_scale:
+        if len(curve) > _CRAWL_WINDOW and curve[-_CRAWL_WINDOW - 1] - f <= _CRAWL_FACTOR * tol:
             break
     M, b = (t.clone() for t in unpack(theta))
     objective, optimality = probe_optimality(loss, M, b, alpha)
