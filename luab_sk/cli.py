@@ -185,8 +185,12 @@ def _check_fit_inputs(X, y, Z, args) -> None:
             )
         if len(Z) != n:
             raise CLIError(f"--Z {args.Z!r} holds {len(Z)} rows but --X holds {n} samples")
-    if args.head == "attention" and X.ndim != 3:
-        raise CLIError(f"--head attention needs patch tokens of shape (n, L, C) in --X, got shape {X.shape}")
+    from luab_sk.nn import head_spec
+
+    if head_spec(args.head).spatial and X.ndim != 3:
+        raise CLIError(
+            f"--head {args.head} needs patch tokens of shape (n, L, C) in --X, got shape {X.shape}"
+        )
 
 
 def _image_suffixes() -> set[str]:

@@ -59,6 +59,7 @@ from .estimators.classifier import LUABClassifier
 from .estimators.distill import GeneralizedDistillationClassifier
 from .features import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, FeatureExtractor, load_backbone
 from .metrics import pointing_game, worst_group_accuracy
+from .nn import head_spec
 
 __all__ = [
     "DEFAULT_BYPRODUCT_WEIGHTS",
@@ -683,7 +684,7 @@ def _fit_luab(data, seed, context, Z, **extra):
     model = LUABClassifier(**params, random_state=seed)
     train, test = data["train"], data["test"]
     model.fit(train[key], train.y) if Z is None else model.fit(train[key], train.y, Z=Z)
-    attention = model.attention_maps(test[key]) if model.head == "attention" else None
+    attention = model.attention_maps(test[key]) if head_spec(model.head).spatial else None
     return Bunch(pred=model.predict(test[key]), attention=attention, model=model)
 
 
