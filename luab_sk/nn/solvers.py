@@ -132,15 +132,16 @@ class LinearProbeLoss:
         n, dtype = x.shape[0], x.dtype
         self.x, self.task, self.beta, self.kind = x, task, float(beta), byproduct_loss
         w = x.new_ones(n) if sample_weight is None else sample_weight.to(device=x.device, dtype=dtype)
+        self.sample_w = w / w.sum()  # per-sample weights summing to 1 (covariances, means, the start)
         if task == "multiclass":
             self.y = y.to(x.device).long()
             self.n_outputs = int(n_outputs if n_outputs is not None else int(self.y.max()) + 1)
-            self.label_w = (w / w.sum())[:, None]
+            self.label_w = self.sample_w[:, None]
         else:
             target = y.to(device=x.device, dtype=dtype).reshape(n, -1)
             self.y = target
             self.n_outputs = target.shape[1]
-            self.label_w = (w / w.sum())[:, None] / target.shape[1]
+            self.label_w = self.sample_w[:, None] / target.shape[1]
         self.use_z = z is not None and float(byproduct_weight) > 0 and z.shape[1] > 0
         self.n_byproducts = z.shape[1] if self.use_z else 0
         if self.use_z:
@@ -319,8 +320,8 @@ class LinearProbeFit:
 def _label_rates(loss: LinearProbeLoss) -> Tensor:
     """Weighted class frequencies (multi-class) or positive rates per label column (binary, multi-label)."""
     if loss.task == "multiclass":
-        return (loss.label_w * F.one_hot(loss.y, loss.n_outputs).to(loss.x.dtype)).sum(0)
-    return (loss.label_w * loss.y).sum(0) * loss.y.shape[1]  # label_w sums to 1 / columns
+        return loss.sample_w @ F.one_hot(loss.y, loss.n_outputs).to(loss.x.dtype)
+    return loss.sample_w @ loss.y
 
 
 def _start(loss: LinearProbeLoss) -> tuple[Tensor, Tensor]:
@@ -591,13 +592,13 @@ def _participation_ratio(loss: LinearProbeLoss, probes: int = 8) -> float:
     ``E ||cov g||^2`` over ``probes`` seeded Gaussian vectors ``g`` (one pass over x): about ``d`` for a
     flat spectrum, small when the variance sits in a few directions."""
     x = loss.x
-    w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+    w = loss.sample_w
     mean = w @ x
     generator = torch.Generator(device=x.device).manual_seed(0)
     g = torch.randn(x.shape[1], probes, generator=generator, device=x.device, dtype=x.dtype)
     proj = (x @ g - mean @ g) * w[:, None]
     cov_g = x.T @ proj - mean[:, None] * proj.sum(0)
-    trace = float(w @ (x * x).sum(1)) - float(mean @ mean)
+    trace = float(w @ torch.einsum("ij,ij->i", x, x)) - float(mean @ mean)
     return trace * trace / max(float((cov_g * cov_g).sum()) / probes, 1e-300)
 
 
@@ -630,7 +631,7 @@ class _Whitening:
 
     def __init__(self, loss: LinearProbeLoss, alpha: float, start: int) -> None:
         x = loss.x
-        w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+        w = loss.sample_w
         self.start, self.mean = start, w @ x
         xc = x - self.mean
         cov = (xc.T @ (xc * w[:, None])).to(torch.float64)
@@ -690,7 +691,7 @@ def _ridge_start(loss: LinearProbeLoss, b0: Tensor, pre: _Whitening) -> tuple[Te
     M = x.new_zeros(loss.n_rows, x.shape[1])
     b = b0.clone()
     if pre.start == 0:
-        w = loss.label_w[:, 0] * (loss.n_outputs if loss.task == "multilabel" else 1)
+        w = loss.sample_w
         t = F.one_hot(loss.y, K).to(x.dtype) if loss.task == "multiclass" else loss.y
         t = (t - w @ t) * w[:, None]
         cross = (x.T @ t - mean[:, None] * t.sum(0)).to(torch.float64)
