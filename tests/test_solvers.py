@@ -368,9 +368,10 @@ def test_participation_ratio_sketch_tracks_the_exact_value():
     ("n", "d", "spread", "n_classes", "use_z", "expected"),
     [
         (3000, 64, True, 40, True, "all"),  # cheap covariance, concentrated variance: every row
+        (3000, 256, True, 10, False, "all"),  # the covariance costs ~13 evaluations: within the budget
         (3000, 64, False, 40, True, "byproducts"),  # flat spectrum: the regression rows only
         (3000, 64, False, 40, False, "none"),
-        (3000, 256, True, 3, True, "byproducts"),  # few rows: the covariance costs too many evaluations
+        (3000, 1024, True, 3, True, "byproducts"),  # few rows: the covariance costs ~114 evaluations
         (100, 200, True, 40, True, "none"),  # n < d
     ],
 )
@@ -382,6 +383,14 @@ def test_whitening_decision_follows_costs_and_spectrum(n, d, spread, n_classes, 
     start = _whitened_rows(loss, None)
     assert {0: "all", n_classes: "byproducts", None: "none"}[start] == expected
     assert _whitened_rows(loss, True) == 0 and _whitened_rows(loss, False) is None
+    assert _whitened_rows(loss, "byproducts") == (n_classes if use_z else None)
+
+
+@pytest.mark.parametrize("whiten", ["all", 1, "none"])
+def test_an_unknown_whitening_choice_is_refused(whiten):
+    x, y, _ = _data(n=50, d=4)
+    with pytest.raises(ValueError, match=r"whiten must be None, True, False or 'byproducts'"):
+        fit_linear_probe(x, y, n_outputs=4, whiten=whiten)
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0])
@@ -390,7 +399,7 @@ def test_every_whitening_choice_reaches_the_same_optimum(weight):
     x, y, z = _spectrum_data(1500, 30, True, n_classes=6, k=3)
     kw = dict(n_outputs=6, alpha=1e-3, byproduct_weight=weight, tol=1e-6, max_iter=3000)
     ref = fit_linear_probe(x, y, z, **{**kw, "tol": 1e-9})
-    for whiten in (None, True, False):
+    for whiten in (None, True, False, "byproducts"):
         fit = fit_linear_probe(x, y, z, whiten=whiten, **kw)
         assert fit.converged, whiten
         assert fit.objective - ref.objective < 1e-6 * max(1.0, abs(ref.objective)), whiten

@@ -75,13 +75,16 @@ _CRAWL_FACTOR = 1e-2
 # stopped early on separable real features (benchmarks/probe_speed.py).
 _WHITEN_RIDGE = 3e-3
 # whiten=None whitens the label rows when the covariance + Cholesky cost at most this many gradient
-# evaluations and the features' participation ratio is at most this fraction of d. Measured
-# (benchmarks/probe_speed.py): the CLIP-like generator (ratio 0.07 d) and EfficientNet-Lite0 features
-# (0.03 d) need it (36 vs 73 L-BFGS iterations on the former), make_classification (0.55 d) does not
-# (whitened: 17 iterations and a 4x larger objective gap than unwhitened); on the Lite0 features (3
-# classes, d = 1280) the covariance costs ~150 evaluations, and unwhitened label rows took 14
-# iterations against 45 whitened.
-_WHITEN_EVALS = 8.0
+# evaluations (flops of n d^2 + d^3 / 3 against 2 n d rows) and the features' participation ratio is at
+# most this fraction of d. Measured (benchmarks/probe_speed.py, and make_embedding_classification at
+# 2000-10000 x 64-768, 2-200 classes): on concentrated spectra (ratio 0.05-0.2 d) whitening cut the
+# iterations 1.4-3.8x and the time 1.2-5x, with the covariance costing up to 56 evaluations (2000 x 512,
+# 5 classes: 72 -> 19 iterations), and it left smaller objective gaps; a budget of 8 evaluations had
+# left 3000 x 256 x 10 classes (13 evaluations) at 232 iterations instead of 76. make_classification
+# (0.55 d) does not need it (whitened: 15-17 iterations and a larger objective gap than unwhitened's
+# 18). On the EfficientNet-Lite0 features (3 classes, d = 1280, ratio 0.03 d) the covariance costs 150-260
+# evaluations and unwhitened label rows took 14 iterations against 38 whitened.
+_WHITEN_EVALS = 64.0
 _WHITEN_SPREAD = 0.25
 
 
@@ -357,7 +360,7 @@ def fit_linear_probe(
     max_iter: int = 200,
     rank: int | None = None,
     method: str = "lbfgs",
-    whiten: bool | None = None,
+    whiten: bool | str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     init: tuple[Tensor, Tensor] | None = None,
@@ -381,10 +384,11 @@ def fit_linear_probe(
     rank : int, optional
         Rank cap of the head's bottleneck; a cap below ``min(rows, d)`` switches to rank-capped APG.
     method : {"lbfgs", "apg"}, default="lbfgs"
-    whiten : bool, optional
-        True: L-BFGS on every row in whitened coordinates; False: on none. None (the default): the
-        byproduct rows when ``n >= d``, and the label rows too when the covariance is cheap next to a
-        gradient evaluation and the feature variance is concentrated (see :func:`_whitened_rows`).
+    whiten : bool or "byproducts", optional
+        True: L-BFGS on every row in whitened coordinates; False: on none; ``"byproducts"``: on the
+        byproduct rows only. None (the default): the byproduct rows when ``n >= d``, and the label rows
+        too when the covariance is cheap next to a gradient evaluation and the feature variance is
+        concentrated (see :func:`_whitened_rows`; ``benchmarks/whitening_rule.py`` measures the choice).
     device, dtype : optional
         Where and in which precision to solve (default: x's).
     init : (M, b), optional
@@ -406,6 +410,8 @@ def fit_linear_probe(
     """
     if method not in ("lbfgs", "apg"):
         raise ValueError(f"method must be 'lbfgs' or 'apg', got {method!r}.")
+    if not (whiten is None or isinstance(whiten, bool) or whiten == "byproducts"):
+        raise ValueError(f"whiten must be None, True, False or 'byproducts', got {whiten!r}.")
     if alpha < 0 or tol <= 0 or max_iter < 1:
         raise ValueError("need alpha >= 0, tol > 0 and max_iter >= 1.")
     device = x.device if device is None else torch.device(device)
@@ -602,7 +608,7 @@ def _participation_ratio(loss: LinearProbeLoss, probes: int = 8) -> float:
     return trace * trace / max(float((cov_g * cov_g).sum()) / probes, 1e-300)
 
 
-def _whitened_rows(loss: LinearProbeLoss, whiten: bool | None) -> int | None:
+def _whitened_rows(loss: LinearProbeLoss, whiten: bool | str | None) -> int | None:
     """The first row L-BFGS whitens (0: all, K: the byproduct rows), or None (no whitening).
 
     ``whiten=None`` decides from costs and the spectrum (:data:`_WHITEN_EVALS`, :data:`_WHITEN_SPREAD`):
@@ -612,6 +618,8 @@ def _whitened_rows(loss: LinearProbeLoss, whiten: bool | None) -> int | None:
     whitened whenever ``n >= d``.
     """
     n, d = loss.x.shape
+    if whiten == "byproducts":
+        return loss.n_outputs if loss.use_z else None
     if whiten is not None:
         return 0 if whiten else None
     if n < d:
