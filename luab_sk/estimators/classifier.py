@@ -85,7 +85,10 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
     byproduct_weight : float, default=1.0
         Weight of the byproduct loss; 0 (or ``Z=None``) trains a plain classifier.
     byproduct_loss : {"smooth_l1", "l2", "l1"}, default="smooth_l1"
-        Elementwise loss for ``byproduct_target="regression"`` and ``"point"``.
+        Elementwise loss for ``byproduct_target="regression"`` and ``"point"``. ``"l1"`` is not
+        differentiable at a zero residual, so no gradient-based stop rule is met exactly: full-batch fits
+        with it usually run to ``max_iter`` and warn (``ConvergenceWarning``); ``"smooth_l1"`` (Huber,
+        quadratic within 1 of the target) is the smooth alternative.
     byproduct_target : {"auto", "regression", "heatmap", "point"}, default="auto"
         How Z is used. ``"regression"`` (pooled heads): regress Z's columns. For the attention head,
         Z holds click points (x, y) in [0, 1], one per sample (n, 2) or one per class (n, 2 * n_classes);
