@@ -431,3 +431,21 @@ def test_a_low_rank_optimum_does_not_crawl_in_float64(threads):
     assert fit.converged and fit.n_iter < 300 and fit.method == "lbfgs+apg"
     singular = torch.linalg.svdvals(fit.coef)
     assert singular[-1] < 1e-9 * singular[0]
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_a_strong_penalty_converges_within_the_default_max_iter(weight):
+    """At alpha=0.1 L-BFGS on M crept along the stiff smoothed nuclear norm and stopped at max_iter=200 (with
+    and without Z); the factored trial (L-BFGS on balanced factors from iteration 100) reaches tol, at the
+    optimum of a float64 reference."""
+    from luab_sk.datasets import make_embedding_classification
+
+    X, y, Z = make_embedding_classification(1500, 128, n_classes=10, random_state=0)
+    x = torch.from_numpy((X - X.mean(0)) / X.std(0))
+    z = torch.from_numpy((Z - np.nanmean(Z, 0)) / np.nanstd(Z, 0))
+    kw = dict(n_outputs=10, alpha=0.1, byproduct_weight=weight)
+    fit = fit_linear_probe(x.float(), torch.from_numpy(y), z.float(), **kw)
+    assert fit.converged and fit.n_iter <= 200 and fit.method == "lbfgs+factored"
+    ref = fit_linear_probe(x, torch.from_numpy(y), z, tol=1e-6, max_iter=1000, **kw)
+    assert ref.converged
+    assert fit.objective - ref.objective < 1e-3 * abs(ref.objective)
