@@ -21,8 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
 import warnings
 from functools import partial
 from pathlib import Path
@@ -33,21 +32,15 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from luab_sk.datasets import make_embedding_classification
-from luab_sk.nn.solvers import fit_linear_probe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probe_speed import timed  # noqa: E402
+
+from luab_sk.datasets import make_embedding_classification  # noqa: E402
+from luab_sk.nn.solvers import fit_linear_probe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)
 PROBLEMS = ((1500, 128, 10), (4000, 384, 20))
-
-
-def median_time(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
 
 
 def main(argv=None):
@@ -70,7 +63,7 @@ def main(argv=None):
             x, yt, z = torch.from_numpy(X[:n]), torch.from_numpy(y[:n]), torch.from_numpy(Z[:n])
             x_test = torch.from_numpy(X[n:])
             for alpha in ALPHAS:
-                lr_s, lr = median_time(
+                lr_s, lr = timed(
                     partial(LogisticRegression(C=1.0 / (alpha * n)).fit, X[:n], y[:n]), args.repeats
                 )
                 row = {
@@ -84,7 +77,7 @@ def main(argv=None):
                     },
                 }
                 for weight in (0.0, 1.0):
-                    s, fit = median_time(
+                    s, fit = timed(
                         partial(
                             fit_linear_probe, x, yt, z, n_outputs=k, alpha=alpha, byproduct_weight=weight
                         ),
