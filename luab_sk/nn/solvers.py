@@ -93,10 +93,10 @@ _FACTORED_TRIAL_PACE = 0.5
 _WHITEN_RIDGE = 3e-3
 # whiten=None whitens the label rows when the covariance + Cholesky cost at most this many gradient
 # evaluations (flops of n d^2 + d^3 / 3 against 2 n d rows) and the features' participation ratio is at
-# most this fraction of d. Measured (benchmarks/probe_speed.py, and make_embedding_classification at
-# 2000-10000 x 64-768, 2-200 classes): on concentrated spectra (ratio 0.05-0.2 d) whitening cut the
-# iterations 1.4-3.8x and the time 1.2-5x, with the covariance costing up to 56 evaluations (2000 x 512,
-# 5 classes: 72 -> 19 iterations), and it left smaller objective gaps; a budget of 8 evaluations had
+# most this fraction of d. Measured (benchmarks/probe_speed.py, benchmarks/whitening_rule.py): on
+# concentrated spectra (ratio 0.05-0.2 d) whitening cut the iterations 1.4-3.8x and the time 1.2-7x, with
+# the covariance costing up to 56 evaluations (2000 x 512, 5 classes: 72 -> 19 iterations), and it left
+# smaller objective gaps; a budget of 8 evaluations had
 # left 3000 x 256 x 10 classes (13 evaluations) at 232 iterations instead of 76. make_classification
 # (0.55 d) does not need it (whitened: 15-17 iterations and a larger objective gap than unwhitened's
 # 18). On the EfficientNet-Lite0 features (3 classes, d = 1280, ratio 0.03 d) the covariance costs 150-260
