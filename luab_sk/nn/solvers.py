@@ -96,11 +96,11 @@ _WHITEN_RIDGE = 3e-3
 # most this fraction of d. Measured (benchmarks/probe_speed.py, benchmarks/whitening_rule.py): on
 # concentrated spectra (ratio 0.05-0.2 d) whitening cut the iterations 1.4-3.8x and the time 1.2-7x, with
 # the covariance costing up to 56 evaluations (2000 x 512, 5 classes: 72 -> 19 iterations), and it left
-# smaller objective gaps; a budget of 8 evaluations had
-# left 3000 x 256 x 10 classes (13 evaluations) at 232 iterations instead of 76. make_classification
-# (0.55 d) does not need it (whitened: 15-17 iterations and a larger objective gap than unwhitened's
-# 18). On the EfficientNet-Lite0 features (3 classes, d = 1280, ratio 0.03 d) the covariance costs 150-260
-# evaluations and unwhitened label rows took 14 iterations against 38 whitened.
+# smaller objective gaps; a budget of 8 evaluations had left 3000 x 256 x 10 classes (13 evaluations) at
+# 232 iterations instead of 76. make_classification (0.55 d) does not need it (whitened: 15-17 iterations
+# and a larger objective gap than unwhitened's 18). On the EfficientNet-Lite0 features (3 classes,
+# d = 1280, ratio 0.03 d) the covariance costs 150-260 evaluations and unwhitened label rows took 14
+# iterations against 38 whitened.
 _WHITEN_EVALS = 64.0
 _WHITEN_SPREAD = 0.25
 
@@ -277,7 +277,8 @@ class LinearProbeFit:
     optimality : float
         Largest prox-gradient entry at the solution.
     loss_curve : list of float
-        Objective per iteration (smoothed objective for ``"lbfgs"``).
+        Objective per iteration (smoothed objective for ``"lbfgs"``; after it, for a factored trial, the
+        factored objective per function evaluation).
     method : str
     """
 
