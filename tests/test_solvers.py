@@ -436,8 +436,9 @@ def test_a_low_rank_optimum_does_not_crawl_in_float64(threads):
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_a_strong_penalty_converges_within_the_default_max_iter(weight):
     """At alpha=0.1 L-BFGS on M crept along the stiff smoothed nuclear norm and stopped at max_iter=200 (with
-    and without Z); the factored trial (L-BFGS on balanced factors from iteration 100) reaches tol, at the
-    optimum of a float64 reference."""
+    and without Z). The prox-gradient step is rank deficient at iteration 20 (its smallest singular values
+    are a third of alpha or less), so the factored trial (L-BFGS on balanced factors) starts there and
+    reaches tol (50-60 iterations in all), at the optimum of a float64 reference."""
     from luab_sk.datasets import make_embedding_classification
 
     X, y, Z = make_embedding_classification(1500, 128, n_classes=10, random_state=0)
@@ -445,7 +446,7 @@ def test_a_strong_penalty_converges_within_the_default_max_iter(weight):
     z = torch.from_numpy((Z - np.nanmean(Z, 0)) / np.nanstd(Z, 0))
     kw = dict(n_outputs=10, alpha=0.1, byproduct_weight=weight)
     fit = fit_linear_probe(x.float(), torch.from_numpy(y), z.float(), **kw)
-    assert fit.converged and fit.n_iter <= 200 and fit.method == "lbfgs+factored"
+    assert fit.converged and fit.n_iter < 100 and fit.method == "lbfgs+factored"
     ref = fit_linear_probe(x, torch.from_numpy(y), z, tol=1e-6, max_iter=1000, **kw)
     assert ref.converged
     assert fit.objective - ref.objective < 1e-3 * abs(ref.objective)
