@@ -26,6 +26,10 @@ byproduct rows of ``W2``. With ``alpha / 2 * (||W1||^2 + ||W2||^2)`` on the two 
   factors ``M = A B^T`` (smooth where the nuclear norm has kinks; it finishes strongly penalised, low-rank
   probes in 50-80 iterations) for up to 100 iterations, and keeps its result when that reaches ``tol``;
   otherwise it goes on where it was.
+  With Z and fewer samples than features (few-shot probes), every method solves the probe in the row
+  space of ``x`` (``x = R^T Q^T``, ``M = M~ Q^T``; exact, the nuclear norm is unchanged), where the byproduct
+  regression can be whitened: 200-1200 samples x 512-1280 features took 60-200 (max_iter) iterations
+  with Z against 12-16 without, now 16-39.
 * ``method="apg"``: accelerated proximal gradient (FISTA with backtracking and function-value restart),
   singular-value shrinkage as the prox. Also used, with a hard rank cap on the prox, when ``rank`` is
   smaller than ``min(n_outputs + k, d)`` (then the problem is rank constrained and no longer convex).
@@ -414,6 +418,8 @@ def fit_linear_probe(
         byproduct rows only. None (the default): the byproduct rows when ``n >= d``, and the label rows
         too when the covariance is cheap next to a gradient evaluation and the feature variance is
         concentrated (see :func:`_whitened_rows`; ``benchmarks/whitening_rule.py`` measures the choice).
+        With Z and fewer samples than features, the probe is solved in the row space of ``x`` (an exact
+        change of variables, ``n`` features), with the byproduct rows whitened there by default.
     device, dtype : optional
         Where and in which precision to solve (default: x's).
     init : (M, b), optional
@@ -459,6 +465,44 @@ def fit_linear_probe(
     full_rank = min(loss.n_rows, x.shape[1])
     capped = rank is not None and rank < full_rank
     M, b = _start(loss) if init is None else (move(init[0]).clone(), move(init[1]).clone())
+    if loss.use_z and x.shape[0] < x.shape[1]:
+        # Fewer samples than features: the optimum's rows lie in the row space of x (components outside it
+        # change no output and only add to the nuclear norm). Solve there, x = R^T Q^T (thin QR of x^T),
+        # with n x n features R^T, where the byproduct rows can be whitened; ||M~ Q^T||_* = ||M~||_*.
+        basis, triangle = torch.linalg.qr(x.T)
+        sub = fit_linear_probe(
+            triangle.T.contiguous(),
+            y,
+            z,
+            sample_weight,
+            task=task,
+            n_outputs=n_outputs,
+            alpha=alpha,
+            byproduct_weight=byproduct_weight,
+            byproduct_loss=byproduct_loss,
+            tol=tol,
+            max_iter=max_iter,
+            rank=rank,
+            method=method,
+            whiten="byproducts" if whiten is None else whiten,
+            device=device,
+            dtype=dtype,
+            init=None if init is None else (M @ basis, b),
+            verbose=verbose,
+        )
+        M = sub.coef @ basis.T
+        objective, optimality = probe_optimality(loss, M, sub.intercept, alpha, rank if capped else None)
+        return LinearProbeFit(
+            M,
+            sub.intercept,
+            loss.n_outputs,
+            sub.n_iter,
+            optimality <= tol,
+            objective,
+            optimality,
+            sub.loss_curve,
+            sub.method,
+        )
     if init is not None:  # a warm start that is already optimal is returned as it is
         objective, optimality = probe_optimality(loss, M, b, alpha, rank if capped else None)
         if optimality <= tol:
