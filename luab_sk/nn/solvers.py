@@ -464,7 +464,6 @@ def fit_linear_probe(
     )
     full_rank = min(loss.n_rows, x.shape[1])
     capped = rank is not None and rank < full_rank
-    M, b = _start(loss) if init is None else (move(init[0]).clone(), move(init[1]).clone())
     if loss.use_z and x.shape[0] < x.shape[1]:
         # Fewer samples than features: the optimum's rows lie in the row space of x (components outside it
         # change no output and only add to the nuclear norm). Solve there, x = R^T Q^T (thin QR of x^T),
@@ -487,7 +486,7 @@ def fit_linear_probe(
             whiten="byproducts" if whiten is None else whiten,
             device=device,
             dtype=dtype,
-            init=None if init is None else (M @ basis, b),
+            init=None if init is None else (move(init[0]) @ basis, move(init[1])),
             verbose=verbose,
         )
         M = sub.coef @ basis.T
@@ -503,6 +502,7 @@ def fit_linear_probe(
             sub.loss_curve,
             sub.method,
         )
+    M, b = _start(loss) if init is None else (move(init[0]).clone(), move(init[1]).clone())
     if init is not None:  # a warm start that is already optimal is returned as it is
         objective, optimality = probe_optimality(loss, M, b, alpha, rank if capped else None)
         if optimality <= tol:
@@ -586,17 +586,20 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
         screen = [last["g_total"], last["g_b"]] + ([last["g_v"]] if pre is not None else [])
         if max(float(t.abs().max()) for t in screen) > tol:
             return None
-        P, _ = nuclear_prox(last["M"] - last["g_m"], alpha)
+        P, _ = prox_step()
         value = max(float((last["M"] - P).abs().max()), float(last["g_b"].abs().max()))
         return value
 
-    def prox_rank():
-        return int((nuclear_prox(last["M"] - last["g_m"], alpha)[1] > 0).sum())
+    def prox_step():  # the unit prox-gradient step at the last point: (prox, its singular values)
+        return nuclear_prox(last["M"] - last["g_m"], alpha)
+
+    def window_drop():  # how much the objective fell over the last _CRAWL_WINDOW iterations
+        return curve[-_CRAWL_WINDOW - 1] - curve[-1]
 
     def factored_trial():
         M, b = (t.clone() for t in unpack(theta))
         budget = min(_FACTORED_TRIAL_ITER, max_iter - n_iter)
-        pace = _FACTORED_TRIAL_PACE * (curve[-_CRAWL_WINDOW - 1] - curve[-1])
+        pace = _FACTORED_TRIAL_PACE * window_drop()
         trial = _factored_lbfgs(loss, M, b, alpha, tol, budget, verbose, min_drop=pace)
         trial.n_iter += n_iter
         trial.loss_curve = curve + trial.loss_curve
@@ -666,14 +669,14 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
         direction = two_loop(g)
         if stalled >= _STALL_ITERATIONS:
             break
-        if len(curve) > _CRAWL_WINDOW and curve[-_CRAWL_WINDOW - 1] - f <= _CRAWL_FACTOR * tol:
+        if len(curve) > _CRAWL_WINDOW and window_drop() <= _CRAWL_FACTOR * tol:
             break
         if (
             alpha > 0
             and n_iter < max_iter
             and (
                 n_iter == _FACTORED_TRIAL_AT
-                or (n_iter == _FACTORED_RANK_CHECK_AT and prox_rank() < min(m, d))
+                or (n_iter == _FACTORED_RANK_CHECK_AT and int((prox_step()[1] > 0).sum()) < min(m, d))
             )
         ):
             trial = factored_trial()
