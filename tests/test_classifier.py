@@ -224,6 +224,25 @@ def test_lbfgs_reports_non_convergence(data):
         LUABClassifier(head="linear", max_iter=2, random_state=0).fit(X, y, Z=Z)
 
 
+def test_a_solver_that_stops_short_of_tol_says_so(data, monkeypatch):
+    """A convex fit that ends before max_iter without reaching tol (no decrease left at float precision) is
+    reported as such, not as a max_iter stop."""
+    import luab_sk.nn.solvers as solvers
+
+    real = solvers.fit_linear_probe
+
+    def short(*args, **kwargs):
+        fit = real(*args, **{**kwargs, "max_iter": 3})
+        fit.converged = False
+        return fit
+
+    monkeypatch.setattr(solvers, "fit_linear_probe", short)
+    X, y, Z, _, _ = data
+    with pytest.warns(sklearn.exceptions.ConvergenceWarning, match="stopped after 3 of max_iter=200"):
+        clf = LUABClassifier(head="linear", random_state=0).fit(X, y, Z=Z)
+    assert clf.n_iter_ == 3
+
+
 def test_knn_imputation_fills_missing_rows(data):
     X, y, Z, X_test, _ = data
     clf = _fit(X, y, Z, impute_byproducts="knn", n_impute_neighbors=3)

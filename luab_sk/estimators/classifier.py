@@ -437,12 +437,14 @@ class LUABClassifier(LUABClassifierMixin, ClassifierMixin, BaseEstimator):
         self.validation_scores_ = result.validation_scores
         self.epoch_times_, self.epoch_cpu_times_ = timer.wall, timer.cpu
         if not result.converged:
-            warnings.warn(
-                f"LUABClassifier ({solver}) did not converge in max_iter={self.max_iter} iterations; "
-                "increase max_iter or tol.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+            if result.n_iter < self.max_iter:  # the solver could not lower the objective any further
+                why = (
+                    f"stopped after {result.n_iter} of max_iter={self.max_iter} iterations, short of "
+                    f"tol={self.tol} (no further decrease at this precision); increase tol."
+                )
+            else:
+                why = f"did not converge in max_iter={self.max_iter} iterations; increase max_iter or tol."
+            warnings.warn(f"LUABClassifier ({solver}) {why}", ConvergenceWarning, stacklevel=3)
         if prior_check is not None:
             self._warn_if_worse_than_prior(*prior_check, solver)
         return self
