@@ -101,6 +101,11 @@ _FACTORED_RANK_CHECK_AT = 20
 # (see _lbfgs) the window made the alpha=0.1 trials give up at 20 and converge at 100 instead (40-80
 # iterations against 60-150 on the four alpha=0.1 probes of benchmarks/penalty_sweep.py).
 _PACE_RECENT = 3
+# The Kronecker-factored start of L-BFGS (see _lbfgs) takes over from the scalar one at this iteration: from
+# the first, it took make_classification 10k x 512 x 100 classes with Z from 18 iterations to 29 (the kink
+# model over-damps steps while the small singular values are still transient); from 20 it stays at 18, and
+# alpha=1e-2 still falls from 180-200 iterations to 74-77 (4000 x 384 x 20 classes).
+_KRON_FROM = 20
 # Whitening uses cov + ridge I with ridge >= this fraction of the mean variance: directions of (near) zero
 # variance are then stretched at most ~18x. A smaller ridge (1e-6 measured) let the smoothed nuclear norm
 # blow up along them on collinear features (make_classification: 5x the iterations), larger ones (1e-2)
@@ -578,7 +583,8 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
     # coordinates and the mean inverse eigenvalue of the whitened covariance (cov + ridge) for whitened
     # rows (a scalar stand-in for their right factor). H0 = (c I + alpha D P D)^-1 on the row side, c the
     # loss's curvature measured from its own gradient changes (1 / c on the biases). Measured on
-    # make_embedding_classification 4000 x 384, 20 classes: 190 -> 40 iterations at alpha=1e-2.
+    # make_embedding_classification 4000 x 384, 20 classes: 180-200 -> 74-77 iterations at alpha=1e-2
+    # (from iteration _KRON_FROM on).
     kron = alpha > 0 and m <= d
     if kron:
         rho = x.new_ones(m, dtype=torch.float64)
@@ -653,7 +659,7 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
             a = rho * float(s @ q)
             alphas.append(a)
             q = q - a * yv
-        if y_hist and kron and curvature is not None:
+        if y_hist and kron and curvature is not None and n_iter >= _KRON_FROM:
             vecs, sv = last["spectrum"]
             penalty = alpha * side[:, None] * ((vecs / sv) @ vecs.T) * side  # alpha D P D
             rows = penalty + curvature * torch.eye(m, dtype=torch.float64, device=x.device)
