@@ -610,10 +610,10 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
         g_total = g_m if g_h is None else g_m + alpha * g_h
         g_v = g_total if pre is None else pre.grad_v(g_total)
         last.update(M=M, b=b, g_m=g_m, g_b=g_b, g_total=g_total, g_v=g_v, spectrum=spectrum)
-        if kron:  # the smooth loss's own gradient, whose changes measure its curvature c
-            g_f = g_m if pre is None else pre.grad_v(g_m)
-            last["g_f"] = torch.cat([(g_f / scale).reshape(-1), g_b / scale[:, 0]])
-        return f + alpha * h, torch.cat([(g_v / scale).reshape(-1), g_b / scale[:, 0]])
+        return f + alpha * h, theta_grad(g_v, g_b)
+
+    def theta_grad(g_v, g_b):  # a gradient in V's coordinates (and the biases') in theta's
+        return torch.cat([(g_v / scale).reshape(-1), g_b / scale[:, 0]])
 
     def optimal():
         # Screen first: the smoothed gradient, in M's coordinates and (when whitening) in the whitened
@@ -688,7 +688,7 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
             direction, gtd = -g, -float(g @ g)
         # unit steps once the memory scales the direction; a cautious first step (as torch's LBFGS)
         step = 1.0 if y_hist else min(1.0, 1.0 / max(float(g.abs().sum()), 1e-12))
-        g_f = last.get("g_f")
+        g_m, g_b = last["g_m"], last["g_b"]  # the smooth loss's gradient, whose changes measure c
         for _ in range(_MAX_BACKTRACK):
             candidate = theta + step * direction
             f_new, g_new = fun(candidate)
@@ -705,8 +705,9 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
             if len(s_hist) == _HISTORY:
                 s_hist.pop(0), y_hist.pop(0), rho_hist.pop(0)
             s_hist.append(s_vec), y_hist.append(y_vec), rho_hist.append(1.0 / sy)
-        if kron:
-            y_f = last["g_f"] - g_f
+        if kron and n_iter >= _KRON_FROM - 1:  # c, from the pair that precedes the first use
+            dg_m = last["g_m"] - g_m
+            y_f = theta_grad(dg_m if pre is None else pre.grad_v(dg_m), last["g_b"] - g_b)
             sy_f = float(s_vec @ y_f)
             if sy_f > 0:
                 curvature = float(y_f @ y_f) / sy_f
