@@ -514,8 +514,9 @@ def main(argv=None):
             if args.skip_sklearn and key.startswith("make_classification"):
                 continue
             X, y, Z = make()
-            # Warm-up: the first torch optimiser of a process imports torch._dynamo (seconds); keep it out.
-            LUABClassifier(head="linear", max_iter=2, device=args.device).fit(X[:50], y[:50])
+            # Warm-up: the first torch optimiser of a process imports torch._dynamo (seconds); keep it
+            # out. 1000 rows: with fewer than 2 per class scikit-learn warns that y looks continuous.
+            LUABClassifier(head="linear", max_iter=2, device=args.device).fit(X[:1000], y[:1000])
             name = f"{key} {n_train} x {args.n_features}, {args.n_classes} classes"
             rows += linear_rows(
                 name, X[:n_train], y[:n_train], Z[:n_train], X[n_train:], y[n_train:], args, device
