@@ -407,6 +407,36 @@ def test_every_whitening_choice_reaches_the_same_optimum(weight):
         assert fit.objective - ref.objective < 1e-6 * max(1.0, abs(ref.objective)), whiten
 
 
+def test_whitening_falls_back_to_a_float64_factor_when_float32_fails(monkeypatch):
+    """The covariance is factored in x's dtype; a failed float32 Cholesky is redone in float64."""
+    from luab_sk.nn import solvers
+
+    x, y, z = _spectrum_data(1500, 30, True, n_classes=6, k=3)
+    x = x.float()
+    kw = dict(n_outputs=6, alpha=1e-3, byproduct_weight=1.0, tol=1e-4, whiten=True)
+    ref = fit_linear_probe(x, y, z.float(), **kw)
+    dtypes = []
+    real = torch.linalg.cholesky_ex
+
+    def failing(a):  # what LAPACK reports for a matrix that is not positive definite in float32
+        dtypes.append(a.dtype)
+        factor, _ = real(a)
+        return factor, torch.ones((), dtype=torch.int32)
+
+    real_float64 = torch.linalg.cholesky
+
+    def recorded(a):
+        dtypes.append(a.dtype)
+        return real_float64(a)
+
+    monkeypatch.setattr(solvers.torch.linalg, "cholesky_ex", failing)
+    monkeypatch.setattr(solvers.torch.linalg, "cholesky", recorded)
+    fit = fit_linear_probe(x, y, z.float(), **kw)
+    assert dtypes == [torch.float32, torch.float64]
+    assert fit.converged and ref.converged
+    assert abs(fit.objective - ref.objective) < 1e-4 * abs(ref.objective)
+
+
 def test_minibatch_skips_blocks_whose_rows_all_have_zero_weight():
     x, y, _ = _data(n=200, d=6)
     weight = np.ones(200, np.float32)
