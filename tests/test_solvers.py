@@ -515,6 +515,34 @@ def test_the_factored_trial_finishes_at_the_convex_optimum(monkeypatch):
     assert abs(fit.objective - ref.objective) < 1e-6
 
 
+def test_a_factored_trial_that_keeps_its_pace_finishes_the_fit(monkeypatch):
+    """A trial that runs out of its budget while still lowering the objective below M's continues in
+    further runs of the factored solver (it used to hand back to L-BFGS on M, which had crawled to
+    max_iter on 10k x 512 x 100 classes with Z at alpha=1e-2); one that stalls hands over to exact prox
+    steps. Both end at the float64 reference's optimum."""
+    import luab_sk.nn.solvers as solvers
+
+    monkeypatch.setattr(solvers, "_FACTORED_TRIAL_AT", 5)
+    monkeypatch.setattr(solvers, "_FACTORED_TRIAL_PACE", -math.inf)
+    monkeypatch.setattr(solvers, "_FACTORED_TRIAL_ITER", 3)
+    calls = []
+    real = solvers._factored_lbfgs
+
+    def counted(*args, **kwargs):
+        fit = real(*args, **kwargs)
+        calls.append(fit.n_iter)
+        return fit
+
+    monkeypatch.setattr(solvers, "_factored_lbfgs", counted)
+    x, y, z = _data()
+    kw = dict(n_outputs=4, alpha=0.05, byproduct_weight=1.0, tol=1e-5, max_iter=1000)
+    fit = fit_linear_probe(x, y, z, **kw)
+    assert len(calls) > 1 and calls[0] == 3  # the trial ran out of its budget and went on
+    assert fit.method in ("lbfgs+factored", "lbfgs+apg") and fit.converged and fit.optimality <= 1e-5
+    ref = fit_linear_probe(x, y, z, **{**kw, "tol": 1e-9, "method": "apg", "max_iter": 20000})
+    assert abs(fit.objective - ref.objective) < 1e-6
+
+
 def test_few_shot_probes_with_z_are_solved_in_the_row_space_of_x():
     """With fewer samples than features the byproduct regression could not be whitened: 300 x 512 took 83
     iterations with Z (14 without). In the row space of x it takes about 26, and the result is optimal for the
