@@ -645,13 +645,12 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
         # while each lowers the objective faster than the crawl rule's pace (a factored stationary point
         # that is not optimal stalls it; the caller's exact prox steps follow).
         keep = trial.converged or (trial.n_iter == budget and trial.objective < curve[-1] and rest > 0)
-        while not trial.converged and keep and max_iter - n_iter - trial.n_iter > 0:
-            chunk = min(budget, max_iter - n_iter - trial.n_iter)
-            more = _factored_lbfgs(loss, trial.coef, trial.intercept, alpha, tol, chunk, verbose)
+        while keep and not trial.converged and rest > 0:
+            more = _factored_lbfgs(loss, trial.coef, trial.intercept, alpha, tol, min(budget, rest), verbose)
             crawled = trial.objective - more.objective <= _CRAWL_FACTOR * tol * more.n_iter / _CRAWL_WINDOW
             more.n_iter += trial.n_iter
             more.loss_curve = trial.loss_curve + more.loss_curve
-            trial = more
+            trial, rest = more, max_iter - n_iter - more.n_iter
             if crawled:
                 break
         trial.n_iter += n_iter
