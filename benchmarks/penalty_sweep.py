@@ -12,8 +12,9 @@ test accuracy, and the ratios ours / LogisticRegression and with Z / without.
 Usage::
 
     python benchmarks/penalty_sweep.py             # 1 thread, median of 3
+    python benchmarks/penalty_sweep.py --problem 10000,512,100 --alphas 1e-2 --max-iter 500 --tag 10k_512_100
 
-Writes ``benchmarks/results/penalty_sweep.md`` and ``.json``.
+Writes ``benchmarks/results/penalty_sweep.md`` and ``.json`` (``--tag`` adds a suffix).
 """
 
 from __future__ import annotations
@@ -49,20 +50,28 @@ def main(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--problem", action="append", help="n_train,n_features,n_classes (repeatable; default: two small)"
+    )
+    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
+    parser.add_argument("--max-iter", type=int, default=None, help="ours (default: the solver's, 200)")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args(argv)
+    problems = [tuple(int(v) for v in p.split(",")) for p in args.problem] if args.problem else PROBLEMS
+    limit = {} if args.max_iter is None else {"max_iter": args.max_iter}
     torch.set_num_threads(args.threads)
     rows, load_start = [], os.getloadavg()
     # the first torch optimiser of a process imports torch._dynamo (seconds): keep it out of the timings
     torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
     with threadpool_limits(limits=args.threads), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        for n, d, k in PROBLEMS:
+        for n, d, k in problems:
             X, y, Z = make_embedding_classification(n + n // 4, d, n_classes=k, random_state=0)
             X = ((X - X[:n].mean(0)) / X[:n].std(0)).astype(np.float32)
             Z = ((Z - np.nanmean(Z[:n], 0)) / np.nanstd(Z[:n], 0)).astype(np.float32)
             x, yt, z = torch.from_numpy(X[:n]), torch.from_numpy(y[:n]), torch.from_numpy(Z[:n])
             x_test = torch.from_numpy(X[n:])
-            for alpha in ALPHAS:
+            for alpha in args.alphas:
                 lr_s, lr = timed(
                     partial(LogisticRegression(C=1.0 / (alpha * n)).fit, X[:n], y[:n]), args.repeats
                 )
@@ -79,7 +88,14 @@ def main(argv=None):
                 for weight in (0.0, 1.0):
                     s, fit = timed(
                         partial(
-                            fit_linear_probe, x, yt, z, n_outputs=k, alpha=alpha, byproduct_weight=weight
+                            fit_linear_probe,
+                            x,
+                            yt,
+                            z,
+                            n_outputs=k,
+                            alpha=alpha,
+                            byproduct_weight=weight,
+                            **limit,
                         ),
                         args.repeats,
                     )
@@ -106,11 +122,13 @@ def main(argv=None):
         f"| {r['ours_w0']['s'] / r['lr']['s']:.2f}x | {r['ours_w1']['s'] / r['ours_w0']['s']:.2f}x |"
         for r in rows
     ]
+    command = " ".join(["python benchmarks/penalty_sweep.py", *(argv if argv is not None else sys.argv[1:])])
+    ours_max = args.max_iter or 200
     text = (
         "# Linear-probe fit time across the penalty strength\n\n"
-        f"`python benchmarks/penalty_sweep.py --repeats {args.repeats} --threads {args.threads}`: "
-        "standardised float32 features (80% train, 20% test), tol=1e-4, default max_iter (ours 200, "
-        f"LogisticRegression 100); median of {args.repeats}; load average {load_start[0]:.1f} at the start, "
+        f"`{command}`: "
+        f"standardised float32 features (80% train, 20% test), tol=1e-4, max_iter: ours {ours_max}, "
+        f"LogisticRegression 100; median of {args.repeats}; load average {load_start[0]:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores). Cells: time, iterations, test "
         "accuracy. Ours: `fit_linear_probe` (nuclear norm alpha ||M||_*); LogisticRegression: "
         "C = 1 / (alpha n) (ridge alpha / 2 ||W||^2), so the models differ and so do their accuracies.\n\n"
@@ -119,8 +137,9 @@ def main(argv=None):
     )
     print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "penalty_sweep.md").write_text(text)
-    (RESULTS / "penalty_sweep.json").write_text(json.dumps(rows, indent=2))
+    stem = "penalty_sweep" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
