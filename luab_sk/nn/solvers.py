@@ -91,6 +91,15 @@ _CRAWL_FACTOR = 1e-2
 _FACTORED_TRIAL_AT = 100
 _FACTORED_TRIAL_ITER = 100
 _FACTORED_TRIAL_PACE = 0.5
+# The trial whitens its right factor B (as M's L-BFGS whitens M) when the loss's curvature along B is at least
+# this many times the penalty's (see _loss_dominates). Measured over 480 random probes (60-2000 samples x
+# 16-700 features, 2-30 classes, alpha 1e-5 to 0.1, byproduct weight 0, 1 or 10): whitening B halved the
+# iterations of the strongly penalised probes with byproduct weight 10 (ratio 25-220), and took those with
+# weight <= 1 (ratio 3-15, where the penalty's identity curvature is a large part of B's Hessian and whitening
+# stretches it) from 5907 to 6225 iterations in all; at alpha=0.1 on make_embedding_classification
+# 4000 x 384 x 20 classes, 70 -> 110 iterations (benchmarks/penalty_sweep.py). With this threshold: 27 -> 13
+# fits that stopped at max_iter=200, and 30970 -> 29497 iterations in all.
+_FACTORED_WHITEN_DOMINANCE = 20.0
 # The trial comes early, at this iteration, when the prox-gradient step already has a rank below
 # min(rows, d): the nuclear norm's kinks are active (a low-rank optimum). Measured: at alpha=0.1 the
 # step's rank was 8-11 of 20-28 at iteration 20, and 150-160 iterations fell to 80-90; none of the 20
@@ -637,7 +646,8 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
         # first iterations' large drops still fill the window), its last 3 scaled to 10
         recent = min(_PACE_RECENT if deficit else _CRAWL_WINDOW, len(curve) - 1)
         pace = _FACTORED_TRIAL_PACE * (curve[-recent - 1] - curve[-1]) * _CRAWL_WINDOW / recent
-        trial = _factored_lbfgs(loss, M, b, alpha, tol, budget, verbose, min_drop=pace)
+        kw = {"pre": pre if _loss_dominates(loss, M, scale[:, 0], alpha) else None, "scale": scale[:, 0]}
+        trial = _factored_lbfgs(loss, M, b, alpha, tol, budget, verbose, min_drop=pace, **kw)
         rest = max_iter - n_iter - trial.n_iter
         # It kept the pace to its budget's end and got below M's objective: the better solver here, so it
         # finishes (10k x 512 x 100 classes with Z at alpha=1e-2: M's L-BFGS took 220 more iterations to
@@ -646,7 +656,9 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
         # that is not optimal stalls it; the caller's exact prox steps follow).
         keep = trial.converged or (trial.n_iter == budget and trial.objective < curve[-1] and rest > 0)
         while keep and not trial.converged and rest > 0:
-            more = _factored_lbfgs(loss, trial.coef, trial.intercept, alpha, tol, min(budget, rest), verbose)
+            more = _factored_lbfgs(
+                loss, trial.coef, trial.intercept, alpha, tol, min(budget, rest), verbose, **kw
+            )
             crawled = trial.objective - more.objective <= _CRAWL_FACTOR * tol * more.n_iter / _CRAWL_WINDOW
             more.n_iter += trial.n_iter
             more.loss_curve = trial.loss_curve + more.loss_curve
@@ -660,7 +672,7 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
 
     # A ridge start (labels and byproduct rows) saves a quarter of the iterations or more.
     if pre is not None and not bool(M0.any()):
-        M0, b0 = _ridge_start(loss, b0, pre)
+        M0, b0 = _ridge_start(loss, b0, pre, alpha)
     theta = pack(M0, b0)
     f, g = fun(theta)
     curve, s_hist, y_hist, rho_hist = [f], [], [], []
@@ -750,23 +762,37 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
     )
 
 
-def _factored_lbfgs(loss, M, b, alpha, tol, max_iter, verbose, min_drop=-math.inf) -> LinearProbeFit:
+def _factored_lbfgs(
+    loss, M, b, alpha, tol, max_iter, verbose, min_drop=-math.inf, pre=None, scale=None
+) -> LinearProbeFit:
     """L-BFGS (:class:`torch.optim.LBFGS`, strong Wolfe) on balanced factors of ``M = A B^T``.
 
     Minimises ``f(A B^T, b) + alpha / 2 * (||A||^2 + ||B||^2)``, which equals the nuclear-norm objective at
     balanced factors and is smooth (no kinks at zero singular values), from ``A = U S^1/2``,
-    ``B = V S^1/2`` of the SVD of ``M``. Every 10 iterations it checks the convex problem's optimality
-    (:func:`probe_optimality` of ``A B^T``, the certificate: factored stationary points need not be
-    optimal) and stops when it is at most ``tol``, or, unconverged, when its first 10 iterations
-    lowered the objective by less than ``min_drop``.
+    ``B = V S^1/2`` of the SVD of ``M``. It optimises ``D A`` and ``L^T B`` (the same problem): ``D`` the
+    rows' curvature scale (``scale``, :func:`_row_scale`) and ``L`` the whitening factor of ``pre`` (a
+    :class:`_Whitening`, when given), the preconditioning of M's own L-BFGS. Every 10 iterations it checks
+    the convex problem's optimality (:func:`probe_optimality` of ``A B^T``, the certificate: factored
+    stationary points need not be optimal) and stops when it is at most ``tol``, or, unconverged, when
+    its first 10 iterations lowered the objective by less than ``min_drop``.
     """
     u, s, vh = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
     root = s.sqrt()
-    A = (u * root).to(M.dtype).contiguous().requires_grad_()
-    B = (vh.T * root).to(M.dtype).contiguous().requires_grad_()
+    row = M.new_ones(M.shape[0], 1) if scale is None else scale.reshape(-1, 1).to(M.dtype)
+    L = None if pre is None else pre.factor.to(M.dtype)
+
+    def to_b(c):  # B = L^-T C
+        return c if L is None else torch.linalg.solve_triangular(L.T, c, upper=True)
+
+    def grad_c(g):  # dC = L^-1 dB
+        return g if L is None else torch.linalg.solve_triangular(L, g, upper=False)
+
+    B0 = (vh.T * root).to(M.dtype)
+    A = ((u * root).to(M.dtype) * row).contiguous().requires_grad_()  # A' = D A
+    C = (B0 if L is None else L.T @ B0).contiguous().requires_grad_()
     bias = b.clone().requires_grad_()
     optimizer = torch.optim.LBFGS(
-        [A, B, bias],
+        [A, C, bias],
         lr=1.0,
         tolerance_grad=0.0,
         tolerance_change=0.0,
@@ -775,11 +801,16 @@ def _factored_lbfgs(loss, M, b, alpha, tol, max_iter, verbose, min_drop=-math.in
     )
     curve = []
 
+    def product():
+        return (A / row) @ to_b(C).T
+
     def closure():
         with torch.no_grad():
-            f, g_m, g_b = loss(A @ B.T, bias)
-            A.grad, B.grad, bias.grad = g_m @ B + alpha * A, g_m.T @ A + alpha * B, g_b
-            value = f + 0.5 * alpha * float(A.pow(2).sum() + B.pow(2).sum())
+            a, B = A / row, to_b(C)
+            f, g_m, g_b = loss(a @ B.T, bias)
+            A.grad = (g_m @ B + alpha * a) / row
+            C.grad, bias.grad = grad_c(g_m.T @ a + alpha * B).contiguous(), g_b
+            value = f + 0.5 * alpha * float(a.pow(2).sum() + B.pow(2).sum())
         curve.append(value)
         return torch.tensor(value, dtype=torch.float64)
 
@@ -790,7 +821,7 @@ def _factored_lbfgs(loss, M, b, alpha, tol, max_iter, verbose, min_drop=-math.in
         done = optimizer.state[A].get("n_iter", n_iter)
         stuck, n_iter = done == n_iter, done
         with torch.no_grad():
-            objective, optimality = probe_optimality(loss, A @ B.T, bias, alpha)
+            objective, optimality = probe_optimality(loss, product(), bias, alpha)
         if verbose:
             print(f"factored lbfgs iter {n_iter}: objective {objective:.8g}, optimality {optimality:.3g}")
         if optimality <= tol or stuck or n_iter >= max_iter or not math.isfinite(objective):
@@ -798,7 +829,7 @@ def _factored_lbfgs(loss, M, b, alpha, tol, max_iter, verbose, min_drop=-math.in
         if curve[0] - objective < min_drop:  # slower than the caller's own pace: give up
             break
     return LinearProbeFit(
-        (A @ B.T).detach(),
+        product().detach(),
         bias.detach(),
         loss.n_outputs,
         n_iter,
@@ -808,6 +839,22 @@ def _factored_lbfgs(loss, M, b, alpha, tol, max_iter, verbose, min_drop=-math.in
         curve,
         "factored",
     )
+
+
+def _loss_dominates(loss: LinearProbeLoss, M: Tensor, scale: Tensor, alpha: float) -> bool:
+    """Whether the loss's curvature along the right factor ``B`` of balanced factors ``M = A B^T`` is at
+    least :data:`_FACTORED_WHITEN_DOMINANCE` times the penalty's (``alpha``, per unit of standardised
+    feature variance): ``sum_r c_r ||a_r||^2 >= ratio * alpha``, ``c_r`` the rows' loss curvature (the
+    label rows' mean ``p (1 - p)`` times ``scale ** 2``, :func:`_row_scale`), ``||a_r||^2 = (U S U^T)_rr``.
+    Then B's Hessian is close to that curvature times the feature covariance, which whitening makes
+    well conditioned."""
+    if alpha <= 0:
+        return True
+    p = _label_rates(loss)
+    u, s, _ = torch.linalg.svd(M.to(torch.float64), full_matrices=False)
+    rows = (u * u * s).sum(1)
+    curvature = float((p * (1 - p)).mean()) * scale.to(torch.float64) ** 2
+    return float(curvature @ rows) >= _FACTORED_WHITEN_DOMINANCE * alpha
 
 
 def _participation_ratio(loss: LinearProbeLoss, probes: int = 8) -> float:
@@ -917,7 +964,7 @@ def _row_scale(loss: LinearProbeLoss) -> Tensor:
     return scale
 
 
-def _ridge_start(loss: LinearProbeLoss, b0: Tensor, pre: _Whitening) -> tuple[Tensor, Tensor]:
+def _ridge_start(loss: LinearProbeLoss, b0: Tensor, pre: _Whitening, alpha: float) -> tuple[Tensor, Tensor]:
     """Ridge regression, with ``pre``'s covariance, of the rows ``pre`` whitens: the centred label
     indicators (rescaled to logits) and each byproduct column on its observed rows; other rows stay 0.
 
@@ -939,7 +986,11 @@ def _ridge_start(loss: LinearProbeLoss, b0: Tensor, pre: _Whitening) -> tuple[Te
         rows = slice(None, None, max(1, -(-x.shape[0] // 4096)))
         scores = (x[rows] - mean) @ coef.T
         y_rows = loss.y[rows].reshape(-1) if loss.task == "binary" else loss.y[rows]
-        scale, bias = _fit_logit_scale(scores, y_rows, loss.task, 0.0, None)
+        # the scale's penalty is the objective's on these rows (alpha ||scale coef||_*): without it, labels
+        # the ridge direction separates drove the scale up to the logit fit's iteration cap (a label row of
+        # norm 212 at alpha=1e-3, 2000 x 700 with Z: 766 iterations to shrink it back, against 41 from 0)
+        penalty = alpha * float(torch.linalg.matrix_norm(coef.double(), ord="nuc"))
+        scale, bias = _fit_logit_scale(scores, y_rows, loss.task, penalty, loss.sample_w[rows])
         M[:K] = coef * scale
         b[:K] = bias.to(x.dtype) - M[:K] @ mean
     if loss.use_z:  # ridge regression of each byproduct column on its observed rows' x
