@@ -68,6 +68,7 @@ __all__ = [
 TASKS = ("multiclass", "binary", "multilabel")
 REGRESSION_LOSSES = ("smooth_l1", "l2", "l1")
 _HISTORY = 20
+_LOG_FLOOR = 60.0
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
 _STALL_ITERATIONS = 5
@@ -206,18 +207,22 @@ class LinearProbeLoss:
         out = torch.addmm(b, self.x, M.T)
         K = self.n_outputs
         logits = out[:, :K]
+        # Probabilities below exp(-_LOG_FLOOR) are computed as that value: exact ones underflow to subnormal
+        # floats, whose arithmetic is many times slower on x86 (a fitted 6000 x 128 x 200 classes probe: 28 ms
+        # per evaluation against 8 ms at M = 0). The change, below 1e-26 per entry, is far below any tol.
         if self.task == "multiclass":
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            picked = logits.gather(1, self.y[:, None])
-            value = (self.label_w * (lse - picked)).sum(dtype=torch.float64)
+            log_p = torch.log_softmax(logits, dim=1)
+            picked = log_p.gather(1, self.y[:, None])
+            value = -(self.label_w * picked).sum(dtype=torch.float64)
             if grad:
-                g_label = torch.exp(logits - lse)
+                g_label = log_p.clamp_(min=-_LOG_FLOOR).exp_()
                 g_label.scatter_add_(1, self.y[:, None], -torch.ones_like(picked))
                 g_label.mul_(self.label_w)
         else:
-            value = (self.label_w * (F.softplus(logits) - self.y * logits)).sum(dtype=torch.float64)
+            low = logits.clamp(min=-_LOG_FLOOR)  # softplus and sigmoid of it are at least exp(-_LOG_FLOOR)
+            value = (self.label_w * (F.softplus(low) - self.y * logits)).sum(dtype=torch.float64)
             if grad:
-                g_label = (torch.sigmoid(logits) - self.y).mul_(self.label_w)
+                g_label = (torch.sigmoid(low) - self.y).mul_(self.label_w)
         if self.use_z:
             r = out[:, K:] - self.z
             if self.kind == "smooth_l1":
