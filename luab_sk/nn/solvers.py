@@ -54,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import _LOG_FLOOR  # the probability floor of the label gradients, shared
+
 __all__ = [
     "LinearProbeFit",
     "LinearProbeLoss",
@@ -68,7 +70,6 @@ __all__ = [
 TASKS = ("multiclass", "binary", "multilabel")
 REGRESSION_LOSSES = ("smooth_l1", "l2", "l1")
 _HISTORY = 20
-_LOG_FLOOR = 60.0
 _ARMIJO = 1e-4
 _MAX_BACKTRACK = 40
 _STALL_ITERATIONS = 5
