@@ -203,6 +203,26 @@ def test_multiclass_label_gradient_has_no_subnormal_floats(dtype):
     )
 
 
+@pytest.mark.parametrize("task", ["binary", "multilabel"])
+def test_sigmoid_label_gradient_has_no_subnormal_floats(task):
+    """The sigmoid losses' gradient uses sigmoid(max(logit, -60)): no subnormal floats; the value is exact."""
+    logits = torch.tensor([[-200.0, 3.0], [100.0, -1.0]], requires_grad=True)
+    target = torch.tensor([[0, 1], [1, 0]])
+    rows = logits[:, :1] if task == "binary" else logits
+    y = target[:, 0] if task == "binary" else target
+    value = label_loss(rows, y, task)
+    value.backward()
+    grad = logits.grad
+    assert not bool(((grad != 0) & (grad.abs() < torch.finfo(torch.float32).tiny)).any())
+    reference = logits.detach().clone().requires_grad_()
+    ref_rows = reference[:, :1] if task == "binary" else reference
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(ref_rows.reshape(-1), y.float()) if task == "binary" else bce(ref_rows, y.float())
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, reference.grad, atol=1e-20, rtol=1e-6)
+
+
 def test_multitask_loss_combines_and_skips():
     torch.manual_seed(0)
     head = build_head("linear", 4, 3, n_byproducts=2, hidden_size=3)
