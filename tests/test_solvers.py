@@ -638,7 +638,7 @@ def test_the_factored_solver_preconditioning_keeps_the_problem():
 def test_a_strong_penalty_with_a_heavy_byproduct_weight_converges_by_default():
     """alpha=0.1 with byproduct_weight=10 (L2): the factored trial crawled on raw features and the fit
     stopped at max_iter=200; with the trial's right factor whitened it converges in about 70 iterations
-    (benchmarks/convergence_sweep.py: 28 of 480 random probes stopped at max_iter, now 13)."""
+    (benchmarks/convergence_sweep.py: 28 of 480 random probes stopped at max_iter, now 10)."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning

@@ -100,7 +100,8 @@ _FACTORED_TRIAL_PACE = 0.5
 # weight <= 1 (ratio 3-15, where the penalty's identity curvature is a large part of B's Hessian and whitening
 # stretches it) from 5907 to 6225 iterations in all; at alpha=0.1 on make_embedding_classification
 # 4000 x 384 x 20 classes, 70 -> 110 iterations (benchmarks/penalty_sweep.py). With this threshold: 27 -> 13
-# fits that stopped at max_iter=200, and 30970 -> 29497 iterations in all.
+# fits that stopped at max_iter=200, and 30970 -> 29497 iterations in all (measured before the floor on the
+# label probabilities, _LOG_FLOOR).
 _FACTORED_WHITEN_DOMINANCE = 20.0
 # The trial comes early, at this iteration, when the prox-gradient step already has a rank below
 # min(rows, d): the nuclear norm's kinks are active (a low-rank optimum). Measured: at alpha=0.1 the
