@@ -653,7 +653,8 @@ def _lbfgs(loss, M0, b0, alpha, tol, max_iter, whiten, verbose) -> LinearProbeFi
         # first iterations' large drops still fill the window), its last 3 scaled to 10
         recent = min(_PACE_RECENT if deficit else _CRAWL_WINDOW, len(curve) - 1)
         pace = _FACTORED_TRIAL_PACE * (curve[-recent - 1] - curve[-1]) * _CRAWL_WINDOW / recent
-        kw = {"pre": pre if _loss_dominates(loss, M, scale[:, 0], alpha) else None, "scale": scale[:, 0]}
+        whiten_b = pre is not None and _loss_dominates(loss, M, scale[:, 0], alpha)  # an SVD: only if needed
+        kw = {"pre": pre if whiten_b else None, "scale": scale[:, 0]}
         trial = _factored_lbfgs(loss, M, b, alpha, tol, budget, verbose, min_drop=pace, **kw)
         rest = max_iter - n_iter - trial.n_iter
         # It kept the pace to its budget's end and got below M's objective: the better solver here, so it
