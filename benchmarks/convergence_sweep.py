@@ -36,10 +36,12 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
-from luab_sk import LUABClassifier
-from luab_sk.datasets import make_embedding_classification
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from luab_sk import LUABClassifier  # noqa: E402
+from luab_sk.datasets import make_embedding_classification  # noqa: E402
+
 GRID = {
     "n": (60, 300, 2000),
     "d": (16, 128, 700),
@@ -160,10 +162,7 @@ def main(argv=None):
         + "\n"
     )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stem = "convergence_sweep" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    write_results("convergence_sweep", text, rows, args.tag)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes ``benchmarks/results/few_shot_probe.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -31,12 +30,12 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results  # noqa: E402
 from probe_speed import timed  # noqa: E402
 
 from luab_sk.datasets import make_embedding_classification  # noqa: E402
 from luab_sk.nn.solvers import fit_linear_probe  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((200, 768, 10), (300, 512, 10), (500, 768, 10), (800, 1024, 5), (1000, 1280, 20), (1200, 1280, 100))
 ALPHA = 1e-4
 
@@ -93,9 +92,7 @@ def main(argv=None):
         "| Z / no Z |\n|---|---|---|---|---:|---:|\n" + "\n".join(lines) + "\n"
     )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "few_shot_probe.md").write_text(text)
-    (RESULTS / "few_shot_probe.json").write_text(json.dumps(rows, indent=2))
+    write_results("few_shot_probe", text, rows)
 
 
 if __name__ == "__main__":

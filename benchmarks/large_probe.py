@@ -50,8 +50,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from _results import write_results  # benchmarks/ is on sys.path when run as a script
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "large_probe"
 
 
@@ -440,10 +440,7 @@ def main(argv=None):
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(lines) + "\n"
     )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stem = "large_probe" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_results("large_probe", text, {"meta": meta, "rows": rows}, args.tag)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Writes ``benchmarks/results/penalty_sweep.md`` and ``.json`` (``--tag`` adds a s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -34,12 +33,12 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results  # noqa: E402
 from probe_speed import timed  # noqa: E402
 
 from luab_sk.datasets import make_embedding_classification  # noqa: E402
 from luab_sk.nn.solvers import fit_linear_probe  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1)
 PROBLEMS = ((1500, 128, 10), (4000, 384, 20))
 
@@ -136,10 +135,7 @@ def main(argv=None):
         "| Z / no Z |\n|---|---:|---|---|---|---:|---:|\n" + "\n".join(lines) + "\n"
     )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stem = "penalty_sweep" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2))
+    write_results("penalty_sweep", text, rows, args.tag)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,6 @@ cached under ``.cache/probe_speed``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -61,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import sklearn
 import torch
+from _results import write_results  # benchmarks/ is on sys.path when run as a script
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -73,7 +73,6 @@ from luab_sk.estimators.classifier import LUABClassifier
 from luab_sk.nn.engine import l2_penalty
 from luab_sk.nn.solvers import LinearProbeLoss, fit_linear_probe, probe_optimality
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "probe_speed"
 
 
@@ -604,10 +603,7 @@ def main(argv=None):
         + "\n"
     )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stem = "probe_speed" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.md").write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    write_results("probe_speed", text, {"meta": meta, "rows": rows}, args.tag)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Writes ``benchmarks/results/whitening_rule.md`` and ``.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,6 +36,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_results  # noqa: E402
 from probe_speed import CACHE, real_features, sklearn_features  # noqa: E402
 
 from luab_sk.datasets import make_embedding_classification  # noqa: E402
@@ -48,8 +48,6 @@ from luab_sk.nn.solvers import (  # noqa: E402
     _whitened_rows,
     fit_linear_probe,
 )
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def problems(include_real):
@@ -179,9 +177,7 @@ def main(argv=None):
         + f"\n\nThe rule chose right in {right} of {len(rows)} rows.\n"
     )
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "whitening_rule.md").write_text(text)
-    (RESULTS / "whitening_rule.json").write_text(json.dumps(rows, indent=2))
+    write_results("whitening_rule", text, rows)
 
 
 if __name__ == "__main__":
